@@ -1,0 +1,54 @@
+"""What ``python train.py`` runs for each job, single run or one job of a sweep.
+
+User errors (a bad config value, a missing data set, a checkpoint of another run in the output
+directory) print one line and exit with status 2, no traceback. In a sweep (``-m``) a job that fails or
+diverges is recorded in its ``summary.json`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from bnopt.config import ConfigError
+from bnopt.data import DatasetNotFoundError
+from bnopt.rundir import OutputDirError, RunDirectory
+from bnopt.train import ResumeError, train
+
+USER_ERRORS = (ConfigError, DatasetNotFoundError, ResumeError, OutputDirError)
+log = logging.getLogger("bnopt")
+
+
+def main(cfg: DictConfig) -> dict | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        return train(cfg, run_dir)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        record_failure(run_dir, err)
+        if not in_sweep:
+            sys.exit(2)
+    except Exception:
+        if not in_sweep:
+            raise
+        log.exception("job %s failed; the sweep goes on", run_dir)
+    return None
+
+
+def record_failure(run_dir: Path, err: Exception) -> None:
+    """A ``failed`` summary for errors raised before the run wrote its own, unless it finished before."""
+    run = RunDirectory(run_dir)
+    previous = run.read_summary() or {}
+    if previous.get("status") in ("completed", "diverged", "failed"):
+        return
+    try:
+        run.write_summary({**previous, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+    except OSError:
+        pass  # an unwritable directory is itself the error being reported

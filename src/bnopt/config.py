@@ -1,0 +1,191 @@
+"""Checks of a composed config, before anything is trained.
+
+Every problem raises :class:`ConfigError` naming the key, the value and what is allowed; ``train.py``
+prints that one line and exits non-zero. :func:`check_config` needs only the config;
+:func:`check_against_run` runs once the data set and model exist (batch size vs data set size, probe
+layers vs the model's layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bnopt.models import VGG_LAYOUTS
+from bnopt.norms import NORM_KINDS
+
+MODELS = ("vgg", "mlp", "dln")
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "gaussian_regression")
+OPTIMIZERS = ("sgd",)
+SCHEDULES = ("constant", "cosine", "multistep")
+PROBE_KEYS = {
+    "ics": {"every", "layers"},
+    "landscape": {"every", "etas", "direction", "batched"},
+    "activations": {"every", "layers", "quantiles", "bins"},
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={_show(value)} is not allowed: {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return str(OmegaConf.to_container(value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def non_negative_int(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def positive_number(v: Any) -> bool:
+    return _is_number(v) and 0 < v < math.inf
+
+
+def non_negative_number(v: Any) -> bool:
+    return _is_number(v) and 0 <= v < math.inf
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def list_of(check: Callable[[Any], bool], non_empty: bool = True) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, (list, ListConfig)) and (len(v) > 0 or not non_empty) and all(map(check, v))
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(key, "<unresolvable>", f"could not be resolved ({err.__class__.__name__}: "
+                                                 f"{str(err).splitlines()[0]})") from None
+
+
+def require(cfg: DictConfig, key: str, check: Callable[[Any], bool], allowed: str) -> Any:
+    value = _get(cfg, key)
+    if not check(value):
+        raise ConfigError(key, value, allowed)
+    return value
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check that needs only the config."""
+    require(cfg, "seed", non_negative_int, "a non-negative integer")
+    require(cfg, "device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
+                                                             (v.startswith("cuda:") and v[5:].isdigit())),
+            "auto, cpu, cuda or cuda:<index>")
+    require(cfg, "threads", optional(positive_int), "null (torch's default) or a positive integer")
+
+    model = require(cfg, "model.name", one_of(*MODELS), f"one of {', '.join(MODELS)}")
+    if model == "vgg":
+        require(cfg, "model.depth", one_of(*VGG_LAYOUTS), f"one of {sorted(VGG_LAYOUTS)}")
+        require(cfg, "model.width", positive_number, "a positive channel multiplier, e.g. 1 or 0.125")
+        require(cfg, "model.bias", one_of(True, False), "true or false")
+    elif model == "mlp":
+        require(cfg, "model.hidden", list_of(positive_int, non_empty=False), "a list of positive layer widths")
+        require(cfg, "model.init_std", lambda v: v == "fan_in" or positive_number(v),
+                "a positive standard deviation or 'fan_in'")
+    else:
+        require(cfg, "model.depth", positive_int, "a positive number of layers")
+
+    data = require(cfg, "data.name", one_of(*DATASETS), f"one of {', '.join(DATASETS)}")
+    if data == "gaussian_regression":
+        require(cfg, "data.n_samples", positive_int, "a positive integer")
+        require(cfg, "data.dim", positive_int, "a positive integer")
+        require(cfg, "data.loss_scale", positive_number, "a positive number (0.5: TensorFlow's l2_loss)")
+        require(cfg, "data.seed", optional(non_negative_int), "null (the run seed) or a non-negative integer")
+        if model != "dln":
+            raise ConfigError("model.name", model, "gaussian_regression data trains the deep linear network "
+                              "(model=dln)")
+    else:
+        require(cfg, "data.root", lambda v: isinstance(v, str) and v != "", "a directory path")
+        require(cfg, "data.download", one_of(True, False), "true or false")
+        require(cfg, "data.augment", one_of(True, False), "true or false")
+        require(cfg, "data.max_train_samples", optional(positive_int), "null (all) or a positive integer")
+        require(cfg, "data.max_test_samples", optional(positive_int), "null (all) or a positive integer")
+        if model == "dln":
+            raise ConfigError("data.name", data, "the deep linear network trains on gaussian_regression data")
+
+    kind = require(cfg, "norm.kind", one_of(*NORM_KINDS), f"one of {', '.join(NORM_KINDS)}")
+    if kind != "none":
+        require(cfg, "norm.eps", positive_number, "a positive number")
+        require(cfg, "norm.momentum", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    if kind == "lp":
+        require(cfg, "norm.p", lambda v: _is_number(v) and float(v) in (1.0, 2.0, math.inf), "1, 2 or inf")
+    if _get(cfg, "norm.noise") is not None:
+        require(cfg, "norm.noise.n_mu", non_negative_number, "a non-negative number (paper: 0.5)")
+        require(cfg, "norm.noise.n_sigma", lambda v: _is_number(v) and 1 <= v < math.inf,
+                "a number >= 1 (paper: 1.25)")
+        require(cfg, "norm.noise.r_mu", non_negative_number, "a non-negative number (paper: 0.1)")
+        require(cfg, "norm.noise.r_sigma", non_negative_number, "a non-negative number (paper: 0.1)")
+
+    require(cfg, "optim.name", one_of(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
+    require(cfg, "optim.lr", positive_number, "a positive learning rate")
+    require(cfg, "optim.momentum", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    require(cfg, "optim.weight_decay", non_negative_number, "a non-negative number")
+    if require(cfg, "optim.nesterov", one_of(True, False), "true or false"):
+        require(cfg, "optim.momentum", positive_number, "positive when optim.nesterov=true")
+    schedule = require(cfg, "optim.schedule", one_of(*SCHEDULES), f"one of {', '.join(SCHEDULES)}")
+    if schedule == "multistep":
+        require(cfg, "optim.milestones", list_of(positive_int), "a non-empty list of positive steps")
+        require(cfg, "optim.gamma", positive_number, "a positive factor")
+
+    require(cfg, "train.steps", non_negative_int, "a non-negative number of steps")
+    require(cfg, "train.batch_size", positive_int, "a positive integer")
+    for key in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
+        require(cfg, f"train.{key}", positive_int, "a positive integer")
+
+    probes = _get(cfg, "probes") or {}
+    for name in probes:
+        if name not in PROBE_KEYS:
+            raise ConfigError(f"probes.{name}", probes[name], f"unknown probe; known: {', '.join(PROBE_KEYS)}")
+        missing = PROBE_KEYS[name] - set(probes[name])
+        if missing:
+            raise ConfigError(f"probes.{name}", probes[name], f"needs {', '.join(sorted(missing))}: select it "
+                              f"with probes=[{name},...] rather than setting single keys")
+        require(cfg, f"probes.{name}.every", positive_int, "a positive number of steps")
+    if "ics" in probes:
+        require(cfg, "probes.ics.layers", list_of(positive_int), "a non-empty list of layer numbers (1-based)")
+    if "landscape" in probes:
+        require(cfg, "probes.landscape.etas", list_of(positive_number), "a non-empty list of positive step sizes")
+        require(cfg, "probes.landscape.direction", one_of("gradient", "random"), "gradient or random")
+        require(cfg, "probes.landscape.batched", one_of("auto", True, False), "auto, true or false")
+    if "activations" in probes:
+        require(cfg, "probes.activations.layers", list_of(positive_int), "a non-empty list of layer numbers (1-based)")
+        require(cfg, "probes.activations.quantiles", list_of(lambda q: _is_number(q) and 0 <= q <= 1),
+                "a non-empty list of quantiles in [0, 1]")
+        require(cfg, "probes.activations.bins", positive_int, "a positive number of histogram bins")
+
+
+def check_against_run(cfg: DictConfig, num_layers: int, train_size: int) -> None:
+    """The checks that need the built model and the loaded data set."""
+    require(cfg, "train.batch_size", lambda v: v <= train_size,
+            f"at most the training set size ({train_size} samples)")
+    for name in ("ics", "activations"):
+        key = f"probes.{name}.layers"
+        if name in (_get(cfg, "probes") or {}):
+            require(cfg, key, lambda layers: all(1 <= k <= num_layers for k in layers),
+                    f"layer numbers between 1 and {num_layers} (this model's weight layers)")

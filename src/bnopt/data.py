@@ -1,0 +1,296 @@
+"""Data sets as tensors on the run's device (protocol sections 1-3).
+
+The whole data set is loaded once, normalised once (per-channel mean/std of the training set) and kept
+on the device; batches are index slices of a shuffled order, augmentation (off by default: the paper
+uses none) is batched tensor ops. Files are read in their published on-disk formats by the readers
+below — CIFAR-10's pickled batches, MNIST's IDX files (gzipped or not) — and torchvision is used only to
+download them. Missing files never fall back to anything: they raise :class:`DatasetNotFoundError`,
+which says which data set, where it looked and how to fix it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The files of a data set are not where the config says, and could not be downloaded."""
+
+
+@dataclass
+class TensorData:
+    """A data set held as tensors. ``test_x`` is None where the task has no test set (the DLN)."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor | None
+    test_y: torch.Tensor | None
+    num_classes: int | None  # None: regression
+    loss_fn: LossFn
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+    def to(self, device: torch.device) -> "TensorData":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TensorData(self.name, move(self.train_x), move(self.train_y), move(self.test_x),
+                          move(self.test_y), self.num_classes, self.loss_fn)
+
+
+def sum_squared_loss(scale: float) -> LossFn:
+    """``scale * sum((out - y)^2)`` over samples and outputs (TensorFlow's l2_loss for scale 0.5)."""
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * (out - target).pow(2).sum()
+
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# On-disk formats
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzipped or not: magic (0, 0, dtype, ndim), big-endian
+    uint32 dimensions, then the data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path} is truncated: header says {tuple(dims)}, found {data.size} bytes")
+    return data.reshape(tuple(dims)).copy()  # frombuffer is read-only
+
+
+MNIST_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four MNIST-format files in ``directory`` (each ``.gz`` or not), or None if any is missing."""
+    found = {}
+    for key, stem in MNIST_FILES.items():
+        candidates = [directory / stem, directory / f"{stem}.gz"]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            return None
+        found[key] = path
+    return found
+
+
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_TEST_BATCH = "test_batch"
+
+
+def read_cifar_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels from CIFAR-10's pickled python batches."""
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data sets
+
+MNIST_FORMAT = {
+    # name: (human name, torchvision class name, which is also the folder torchvision downloads into)
+    "mnist": ("MNIST", "MNIST"),
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST"),
+}
+
+
+def _download(torchvision_class: str, root: Path, title: str) -> None:
+    import torchvision.datasets
+
+    try:
+        getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
+    except Exception as err:  # offline, proxy, checksum: all end the same way for the user
+        raise DatasetNotFoundError(
+            f"{title} is not in {root} and downloading it failed ({type(err).__name__}: {err}). "
+            f"Run once with internet access and data.download=true, or place the files as described "
+            f"in the README and set data.root to their directory."
+        ) from err
+
+
+def load_mnist_format(name: str, root: Path, download: bool, search_paths: Sequence[str] = ()) -> dict:
+    """MNIST or Fashion-MNIST as uint8 arrays. Looks for the four IDX files directly in ``root`` (how
+    Debian's dataset-fashion-mnist lays them out), in torchvision's ``root/<Class>/raw``, then in
+    ``search_paths``; downloads into ``root`` with torchvision if allowed."""
+    title, tv_class = MNIST_FORMAT[name]
+    directories = [root, root / tv_class / "raw", *map(Path, search_paths)]
+    files = next(filter(None, map(find_idx_files, directories)), None)
+    if files is None and download:
+        _download(tv_class, root, title)
+        files = find_idx_files(root / tv_class / "raw")
+    if files is None:
+        looked = ", ".join(str(d) for d in directories)
+        raise DatasetNotFoundError(
+            f"{title} not found: looked for the four IDX files ({', '.join(MNIST_FILES.values())}, "
+            f"each optionally .gz) in {looked}, and data.download=false. Fix: set data.download=true "
+            f"(needs internet), or copy the files into one of those directories, or point data.root at "
+            f"the directory that holds them"
+            + (" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
+               "/usr/share/datasets/fashion-mnist)." if name == "fashion_mnist" else ".")
+        )
+    arrays = {key: read_idx(path) for key, path in files.items()}
+    for split in ("train", "test"):
+        n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
+        if n_x != n_y:
+            raise ValueError(f"{title} {split} set has {n_x} images but {n_y} labels ({files[f'{split}_x'].parent})")
+    return {k: v[:, None] if k.endswith("_x") else v for k, v in arrays.items()}  # images get a channel axis
+
+
+def load_cifar10(root: Path, download: bool) -> dict:
+    """CIFAR-10 as uint8 arrays from ``root/cifar-10-batches-py`` (the extracted official archive)."""
+    folder = root / CIFAR_FOLDER
+    needed = [*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH]
+    complete = lambda: all((folder / n).is_file() for n in needed)  # noqa: E731
+    if not complete() and download:
+        _download("CIFAR10", root, "CIFAR-10")
+    if not complete():
+        missing = [n for n in needed if not (folder / n).is_file()]
+        raise DatasetNotFoundError(
+            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}, and data.download=false. Fix: set "
+            f"data.download=true (needs internet), or extract cifar-10-python.tar.gz into {root}, or "
+            f"point data.root at the directory that contains {CIFAR_FOLDER}/."
+        )
+    train_x, train_y = read_cifar_batches(folder, CIFAR_TRAIN_BATCHES)
+    test_x, test_y = read_cifar_batches(folder, [CIFAR_TEST_BATCH])
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+
+def gaussian_regression(n_samples: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Protocol section 2: x ~ N(0, I_dim), A with i.i.d. N(0, 1) entries, y = A x; fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=gen)
+    x = torch.randn(n_samples, dim, generator=gen)
+    return x, x @ a.T
+
+
+def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
+    """Scale uint8 images to [0, 1] and normalise each channel by the training set's mean and std."""
+    train_t = torch.from_numpy(train).float().div_(255)
+    mean = train_t.double().mean(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
+    std = train_t.double().std(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
+    return [(t - mean) / std for t in (train_t, *(torch.from_numpy(o).float().div_(255) for o in others))]
+
+
+def load_data(cfg, seed: int) -> TensorData:
+    """Build the data set named by ``cfg`` (a ``data/*.yaml`` config) as CPU tensors."""
+    if cfg.name == "gaussian_regression":
+        x, y = gaussian_regression(cfg.n_samples, cfg.dim, seed if cfg.seed is None else cfg.seed)
+        return TensorData(cfg.name, x, y, None, None, None, sum_squared_loss(cfg.loss_scale))
+    root = Path(cfg.root).expanduser()
+    if cfg.name == "cifar10":
+        arrays = load_cifar10(root, cfg.download)
+    elif cfg.name in MNIST_FORMAT:
+        arrays = load_mnist_format(cfg.name, root, cfg.download, cfg.get("search_paths") or ())
+    else:
+        raise ValueError(f"unknown data set {cfg.name!r}")
+    train_x, test_x = standardise(arrays["train_x"], arrays["test_x"])
+    train_y = torch.from_numpy(arrays["train_y"].astype(np.int64))
+    test_y = torch.from_numpy(arrays["test_y"].astype(np.int64))
+    # Subsets (scale=smoke) take the first samples, after normalising with the full set's statistics.
+    train_x, train_y = train_x[: cfg.max_train_samples], train_y[: cfg.max_train_samples]
+    test_x, test_y = test_x[: cfg.max_test_samples], test_y[: cfg.max_test_samples]
+    return TensorData(cfg.name, train_x, train_y, test_x, test_y, cfg.num_classes, F.cross_entropy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+class BatchStream:
+    """Endless mini-batches without replacement, reshuffled every epoch (the incomplete last batch of an
+    epoch is dropped). A full batch is the data set itself, unshuffled. Order and augmentation draw from
+    generators of their own, so the global random state plays no part and a checkpoint can restore them
+    (``state_dict``)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 augment: bool = False, crop_padding: int = 4):
+        if not 1 <= batch_size <= len(x):
+            raise ValueError(f"batch size {batch_size} must be between 1 and the data set size {len(x)}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.augment, self.crop_padding = augment, crop_padding
+        # Shuffling draws once per epoch on the CPU; augmentation per batch on the data's device, so
+        # that a GPU run makes no host round-trip per step.
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator(device=x.device).manual_seed(seed + 1)
+        self.order: torch.Tensor | None = None
+        self.position = 0
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size == len(self.x)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.full_batch:
+            x, y = self.x, self.y
+        else:
+            if self.order is None or self.position + self.batch_size > len(self.x):
+                self.order = torch.randperm(len(self.x), generator=self.order_generator).to(self.x.device)
+                self.position = 0
+            index = self.order[self.position : self.position + self.batch_size]
+            self.position += self.batch_size
+            x, y = self.x[index], self.y[index]
+        if self.augment:
+            x = self.crop_and_flip(x)
+        return x, y
+
+    def crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crop after zero-padding by ``crop_padding`` and random horizontal flip, per image."""
+        n, c, h, w = x.shape
+        pad, gen, dev = self.crop_padding, self.augment_generator, x.device
+        padded = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        images = torch.arange(n, device=dev)[:, None, None, None]
+        channels = torch.arange(c, device=dev)[None, :, None, None]
+        cropped = padded[images, channels, rows, cols]
+        flip = torch.rand(n, generator=gen, device=dev) < 0.5
+        return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+    def state_dict(self) -> dict:
+        return {
+            "order_generator": self.order_generator.get_state(),
+            "augment_generator": self.augment_generator.get_state(),
+            "order": None if self.order is None else self.order.cpu(),
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order_generator.set_state(state["order_generator"])
+        self.augment_generator.set_state(state["augment_generator"])
+        self.order = None if state["order"] is None else state["order"].to(self.x.device)
+        self.position = state["position"]

@@ -1,0 +1,223 @@
+"""Normalisation variants of protocol section 4, behind one factory signature.
+
+A model never names a normalisation layer: it calls ``norm(num_features)`` once per weight layer, in
+forward order, and gets a module that accepts ``(N, C)`` (linear) and ``(N, C, H, W)`` (conv) inputs.
+Statistics are per unit: per feature over the batch, or per channel over batch, height and width.
+
+Variants: ``none`` (identity), ``batchnorm`` (torch's), ``lp`` with p in {1, 2, inf} (Section 3.3 of
+Santurkar et al.), each optionally followed by the noise of Algorithm 1 (Appendix A) — "noisy BatchNorm"
+is ``batchnorm`` + noise, and noise on ``none`` is the paper's noisy unnormalised network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bnopt.seeding import derived_seed
+
+NormFactory = Callable[[int], nn.Module]
+
+NORM_KINDS = ("none", "batchnorm", "lp")
+LP_ORDERS = (1.0, 2.0, math.inf)
+
+
+class NoNorm(nn.Identity):
+    """The unnormalised network: identity, with the constructor signature of the other variants."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+
+class BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """torch's BatchNorm (``F.batch_norm``, learned gamma/beta, running statistics for evaluation),
+    one class for linear and conv activations so that models need not know which one they feed."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"BatchNorm expects (N, C) or (N, C, H, W) input, got shape {tuple(input.shape)}")
+
+
+def _unit_view(stat: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-unit statistic of shape (C,) to broadcast against (N, C) or (N, C, H, W)."""
+    return stat.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _reduce_dims(ndim: int) -> list[int]:
+    """Every dimension except the unit dimension 1."""
+    return [0, *range(2, ndim)]
+
+
+class LpNorm(nn.Module):
+    """Lp normalisation (Section 3.3): subtract the per-unit mean as BN does, then divide by the
+    per-unit average Lp norm of the activations *before* the mean was subtracted,
+
+        N_j = (mean_i |a_ij|^p)^(1/p)  for p = 1, 2,     N_j = max_i |a_ij|  for p = inf,
+        out = gamma_j * (a_ij - mu_j) / (N_j + eps) + beta_j.
+
+    Running estimates of mu and N (exponential moving average with ``momentum``, as BN) replace the batch
+    statistics in eval mode. ``track_running_stats`` has BN's meaning, so code that switches it off on
+    BatchNorm (the probes) does the same here.
+    """
+
+    def __init__(self, num_features: int, p: float, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if float(p) not in LP_ORDERS:
+            raise ValueError(f"p must be one of 1, 2, inf; got {p!r}")
+        self.num_features = num_features
+        self.p = float(p)
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = True
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_norm", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def batch_statistics(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-unit mean and average Lp norm of a batch."""
+        dims = _reduce_dims(a.dim())
+        count = a.numel() // a.shape[1]
+        mean = a.mean(dims)
+        # ||a||_p / count^(1/p) is (mean |a|^p)^(1/p); for p = inf the divisor is count^0 = 1.
+        norm = torch.linalg.vector_norm(a, ord=self.p, dim=dims) / count ** (1.0 / self.p)
+        return mean, norm
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if a.dim() not in (2, 4):
+            raise ValueError(f"LpNorm expects (N, C) or (N, C, H, W) input, got shape {tuple(a.shape)}")
+        if self.training:
+            mean, norm = self.batch_statistics(a)
+            if self.track_running_stats:
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_norm.lerp_(norm, self.momentum)
+                    self.num_batches_tracked += 1
+        else:
+            mean, norm = self.running_mean, self.running_norm
+        out = (a - _unit_view(mean, a.dim())) / (_unit_view(norm, a.dim()) + self.eps)
+        return out * _unit_view(self.weight, a.dim()) + _unit_view(self.bias, a.dim())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}"
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Constants of Algorithm 1 (Appendix A); the paper's values are the defaults."""
+
+    n_mu: float = 0.5
+    n_sigma: float = 1.25
+    r_mu: float = 0.1
+    r_sigma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (self.n_mu >= 0 and self.n_sigma >= 1 and self.r_mu >= 0 and self.r_sigma >= 0):
+            raise ValueError(f"noise constants need n_mu >= 0, n_sigma >= 1, r_mu >= 0, r_sigma >= 0; got {self}")
+
+
+class NoisyNorm(nn.Module):
+    """A normalisation layer followed by the time-varying, non-zero-mean, non-unit-variance noise of
+    Algorithm 1 (Santurkar et al., Appendix A). In training mode, at every step, for every unit j:
+
+        mu_j ~ U(-n_mu, n_mu),  sigma_j ~ U(1, n_sigma)                      (once per step and unit)
+        m_ij ~ U(mu_j - r_mu, mu_j + r_mu),  s_ij ~ N(sigma_j, r_sigma^2)     (per element)
+        out_ij = s_ij * a_ij + m_ij,   a = output of the wrapped layer (BN after gamma/beta).
+
+    The draws are a function of (seed, layer_key, step) alone, not of a global random stream: every
+    forward pass at the same step — the training pass and any number of measurement passes, in any order
+    of layers — sees the same noise. The training loop sets ``step`` (``set_noise_step``). Eval mode
+    adds no noise.
+    """
+
+    def __init__(self, inner: nn.Module, spec: NoiseSpec, seed: int, layer_key: int):
+        super().__init__()
+        self.inner = inner
+        self.spec = spec
+        self.seed = seed
+        self.layer_key = layer_key
+        self.step = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device].manual_seed(derived_seed(self.seed, "noise", self.layer_key, self.step))
+
+    def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multiplicative and additive noise (s, m) for an activation of ``shape`` at this step."""
+        spec, gen = self.spec, self._generator(device)
+        units = shape[1]
+        kw = dict(generator=gen, device=device, dtype=dtype)
+        mu = _unit_view(torch.rand(units, **kw) * (2 * spec.n_mu) - spec.n_mu, len(shape))
+        sigma = _unit_view(torch.rand(units, **kw) * (spec.n_sigma - 1) + 1, len(shape))
+        m = mu + (torch.rand(shape, **kw) * 2 - 1) * spec.r_mu
+        s = sigma + torch.randn(shape, **kw) * spec.r_sigma
+        return s, m
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        a = self.inner(a)
+        if not self.training:
+            return a
+        s, m = self.draw(a.shape, a.device, a.dtype)
+        return s * a + m
+
+    def extra_repr(self) -> str:
+        return f"layer_key={self.layer_key}, {self.spec}"
+
+
+def normalises(layer: nn.Module) -> bool:
+    """Whether a layer made by a norm factory normalises (so a bias before it is redundant)."""
+    if isinstance(layer, NoisyNorm):
+        layer = layer.inner
+    return not isinstance(layer, NoNorm)
+
+
+def set_noise_step(model: nn.Module, step: int) -> None:
+    """Key the noise of every NoisyNorm in ``model`` to training step ``step``."""
+    for module in model.modules():
+        if isinstance(module, NoisyNorm):
+            module.step = step
+
+
+def norm_factory(
+    kind: str,
+    *,
+    p: float | None = None,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    noise: NoiseSpec | None = None,
+    seed: int = 0,
+) -> NormFactory:
+    """Return ``norm(num_features) -> nn.Module`` for one variant.
+
+    With ``noise``, each layer is wrapped in :class:`NoisyNorm`, keyed by the order in which the model
+    asks for its layers (its forward order), so the k-th norm layer draws the same noise in every run
+    with the same seed.
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"unknown norm kind {kind!r}; expected one of {NORM_KINDS}")
+    if kind == "lp" and (p is None or float(p) not in LP_ORDERS):
+        raise ValueError(f"lp normalisation needs p in {{1, 2, inf}}; got {p!r}")
+    layers_made = 0
+
+    def make(num_features: int) -> nn.Module:
+        nonlocal layers_made
+        if kind == "none":
+            layer: nn.Module = NoNorm(num_features)
+        elif kind == "batchnorm":
+            layer = BatchNorm(num_features, eps=eps, momentum=momentum)
+        else:
+            layer = LpNorm(num_features, p=p, eps=eps, momentum=momentum)
+        if noise is not None:
+            layer = NoisyNorm(layer, noise, seed=seed, layer_key=layers_made)
+        layers_made += 1
+        return layer
+
+    return make

@@ -1,0 +1,23 @@
+"""The paper's measurements: a library usable on any PyTorch model, and in-loop probes for training runs.
+
+    from bnopt.probes import measure_ics, probe_landscape
+
+Both are pure observations; see their docstrings and the README for the exact definitions.
+"""
+
+from bnopt.probes.activations import ActivationRecorder
+from bnopt.probes.ics import measure_ics
+from bnopt.probes.landscape import probe_landscape
+from bnopt.probes.loop import PROBES, ActivationProbe, ICSProbe, LandscapeProbe, Probe, build_probes
+
+__all__ = [
+    "measure_ics",
+    "probe_landscape",
+    "ActivationRecorder",
+    "Probe",
+    "ICSProbe",
+    "LandscapeProbe",
+    "ActivationProbe",
+    "PROBES",
+    "build_probes",
+]

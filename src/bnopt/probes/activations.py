@@ -1,0 +1,107 @@
+"""Activation distributions (protocol 5.3; Figs. 1c, 2, 7, 8, 14 and Ioffe & Szegedy Fig. 1b/c).
+
+For each chosen layer #k, one unit is picked at random (fixed by the run seed and k), and at measurement
+steps its input to the non-linearity — the output of the layer's norm module, noise included for noisy
+BN, or of the weight layer where the block has no norm — is summarised over the batch (and the spatial
+positions of a conv layer): quantiles, mean, variance, and a histogram. Forward hooks collect it during
+the training forward pass itself, so it costs no extra pass; each hook records the first pass of an armed
+step only, so measurement passes of other probes are never mistaken for training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from bnopt.models import ChainModel
+from bnopt.seeding import derived_seed
+
+Log = Callable[..., None]
+
+
+def quantile_name(q: float) -> str:
+    """Metric name of a quantile: 0.15 -> "act/q15", 0.5 -> "act/q50"."""
+    return f"act/q{q * 100:g}"
+
+
+def unit_of(layer: int, num_units: int, seed: int) -> int:
+    """The randomly chosen unit of layer #``layer``: a function of (seed, layer) only."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, "activation-unit", layer))
+    return int(torch.randint(num_units, (1,), generator=gen))
+
+
+class ActivationRecorder:
+    """Hooks that record one unit per layer at armed steps; histograms kept for ``activations.npz``."""
+
+    def __init__(self, model: ChainModel, layers: Sequence[int], seed: int, quantiles: Sequence[float],
+                 bins: int, log: Log):
+        self.quantiles = list(quantiles)
+        self.bins = bins
+        self.log = log
+        self.step = 0
+        self.armed: set[int] = set()
+        self.units: dict[int, int] = {}
+        self.records: list[dict] = []  # one per (step, layer): counts and edges of the histogram
+        self._hooks = []
+        for k in layers:
+            block = model.layer(k)
+            num_units = getattr(block.weight, "out_channels", None) or block.weight.out_features
+            self.units[k] = unit_of(k, num_units, seed)
+            observed = block.norm if block.norm is not None else block.weight
+            self._hooks.append(observed.register_forward_hook(self._hook(k)))
+
+    def arm(self, step: int) -> None:
+        """Record the next forward pass of every layer, as step ``step``."""
+        self.step = step
+        self.armed = set(self.units)
+
+    def _hook(self, layer: int):
+        def record(module, inputs, output):
+            if layer not in self.armed:
+                return
+            self.armed.discard(layer)
+            self._summarise(layer, output.detach()[:, self.units[layer]])
+
+        return record
+
+    def _summarise(self, layer: int, unit_values: torch.Tensor) -> None:
+        values = unit_values.flatten().to("cpu", torch.float64)
+        qs = torch.quantile(values, torch.tensor(self.quantiles, dtype=torch.float64))
+        for q, value in zip(self.quantiles, qs.tolist()):
+            self.log(self.step, quantile_name(q), value, layer=layer)
+        self.log(self.step, "act/mean", float(values.mean()), layer=layer)
+        self.log(self.step, "act/var", float(values.var(unbiased=False)), layer=layer)
+        counts, edges = np.histogram(values.numpy(), bins=self.bins)
+        self.records.append({"step": self.step, "layer": layer, "counts": counts, "edges": edges})
+
+    def save(self, path: Path) -> None:
+        """Write all histograms so far to ``path`` (npz), atomically."""
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(
+            tmp,
+            step=np.array([r["step"] for r in self.records], dtype=np.int64),
+            layer=np.array([r["layer"] for r in self.records], dtype=np.int64),
+            unit=np.array([self.units[r["layer"]] for r in self.records], dtype=np.int64),
+            counts=np.array([r["counts"] for r in self.records], dtype=np.int64).reshape(-1, self.bins),
+            edges=np.array([r["edges"] for r in self.records], dtype=np.float64).reshape(-1, self.bins + 1),
+        )
+        os.replace(tmp, path)
+
+    def load(self, path: Path, before_step: int) -> None:
+        """Take back the histograms of an interrupted run, those of steps before ``before_step``."""
+        if not path.exists():
+            return
+        with np.load(path) as saved:
+            self.records = [
+                {"step": int(s), "layer": int(k), "counts": c, "edges": e}
+                for s, k, c, e in zip(saved["step"], saved["layer"], saved["counts"], saved["edges"])
+                if s < before_step
+            ]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()

@@ -1,0 +1,102 @@
+"""The loss landscape along the gradient (protocol 5.2; Figs. 4, 9, 10, 11, 12 of Santurkar et al.).
+
+At weights w with batch gradient g and a direction d (g unless given), for each step size eta_k:
+    loss[k]      = L(w - eta_k d)
+    grad_diff[k] = ||g - grad L(w - eta_k d)||_2                 ("gradient predictiveness")
+    beta         = max_k grad_diff[k] / ||eta_k d||_2             ("effective beta-smoothness")
+all on the same batch, with train-mode normalisation on batch statistics.
+
+The E evaluations run one after another, or batched with ``torch.func.vmap`` (``batched=True``). Which
+is faster depends on the model and device (measured by ``scripts/benchmark.py``): on CPU the batched
+form pays for networks without convolutions and loses for VGG, so ``batched="auto"`` picks it for
+conv-free models on CPU. The two agree to float rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from bnopt.norms import NoisyNorm
+from bnopt.probes.observation import current_gradient, flat_norm, loss_at, observation
+
+
+def probe_landscape(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    etas: Sequence[float],
+    direction: Sequence[torch.Tensor] | None = None,
+    *,
+    use_grad_fields: bool = False,
+    batched: bool | str = "auto",
+) -> dict:
+    """Loss, gradient predictiveness and effective beta along ``-direction`` (default: the gradient).
+
+    ``direction`` is one tensor per parameter with ``requires_grad``, in ``model.parameters()`` order.
+    With ``use_grad_fields=True`` the gradient g is read from ``.grad`` (as left by ``loss.backward()`` on
+    this batch) instead of being computed. A pure observation, like :func:`bnopt.probes.measure_ics`.
+
+    Returns ``{"eta": [...], "loss": [...], "grad_diff": [...], "beta": float, "grad_norm": float}``.
+    """
+    etas = [float(e) for e in etas]
+    if not etas or any(not e > 0 for e in etas):
+        raise ValueError(f"etas must be a non-empty list of positive step sizes; got {etas}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if direction is not None:
+        direction = [d.detach() for d in direction]
+        shapes_match = len(direction) == len(params) and all(d.shape == p.shape for d, p in zip(direction, params))
+        if not shapes_match:
+            raise ValueError("direction must hold one tensor per trainable parameter, shaped like it, "
+                             "in model.parameters() order")
+    if batched == "auto":
+        batched = vmap_pays(model)
+    with observation(model) as obs:
+        g = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
+        d = g if direction is None else direction
+        evaluate = _evaluate_batched if batched else _evaluate_loop
+        losses, grads_at = evaluate(model, loss_fn, batch, obs, named, d, etas)
+    d_norm = flat_norm(d)
+    grad_diff = [flat_norm([a - b for a, b in zip(g, grad)]) for grad in grads_at]
+    beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
+    return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": flat_norm(g)}
+
+
+def vmap_pays(model: nn.Module) -> bool:
+    """The measured rule (``scripts/benchmark.py``): batch the evaluations on CPU for networks without
+    convolutions. Noisy layers draw from their own generator, which ``vmap`` cannot batch."""
+    on_cpu = all(not p.is_cuda for p in model.parameters())
+    return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) for m in model.modules())
+
+
+def _moved(named, d, eta: float) -> dict[str, torch.Tensor]:
+    """The parameters at w - eta * d, as fresh leaves whose gradient can be taken."""
+    return {name: (p.detach() - eta * dp).requires_grad_() for (name, p), dp in zip(named, d)}
+
+
+def _evaluate_loop(model, loss_fn, batch, obs, named, d, etas):
+    losses, grads = [], []
+    for eta in etas:
+        moved = _moved(named, d, eta)
+        loss = loss_at(model, loss_fn, batch, obs, moved)
+        grads.append(torch.autograd.grad(loss, list(moved.values()), allow_unused=True, materialize_grads=True))
+        losses.append(float(loss))
+    return losses, grads
+
+
+def _evaluate_batched(model, loss_fn, batch, obs, named, d, etas):
+    inputs, targets = batch
+    names = [name for name, _ in named]
+    eta = torch.tensor(etas, dtype=d[0].dtype, device=d[0].device)
+    stacked = {name: p.detach()[None] - eta.view(-1, *([1] * p.dim())) * dp[None]
+               for (name, p), dp in zip(named, d)}
+
+    def loss_of(params: dict) -> torch.Tensor:
+        return loss_fn(torch.func.functional_call(model, params, (inputs,), strict=False), targets)
+
+    obs.replay()
+    grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of), randomness="same")(stacked)
+    return [float(v) for v in losses], [[grads[name][k] for name in names] for k in range(len(etas))]

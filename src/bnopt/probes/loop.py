@@ -1,0 +1,144 @@
+"""Probes attached to the training loop (Hydra group ``probes/``).
+
+The loop calls, at every step where ``probe.due(step)``:
+    ``before_forward(step)``        before the training forward pass (the activation probe arms its hooks);
+    ``after_backward(step, batch)`` between ``loss.backward()`` and ``optimizer.step()``, where ``.grad``
+                                    holds this batch's gradient (ICS and landscape measure here).
+Layers are addressed by semantic index, 1-based, as the paper numbers them (layer #k = k-th weight layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from bnopt.models import ChainModel
+from bnopt.probes.activations import ActivationRecorder
+from bnopt.probes.ics import measure_ics
+from bnopt.probes.landscape import probe_landscape
+from bnopt.seeding import derived_seed
+
+Log = Callable[..., None]
+
+
+class Probe:
+    name = "probe"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def before_forward(self, step: int) -> None:
+        pass
+
+    def after_backward(self, step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        pass
+
+    def save(self, run_dir: Path) -> None:
+        """Persist what the probe keeps between measurements (called with every checkpoint)."""
+
+    def restore(self, run_dir: Path, step: int) -> None:
+        """Take back what was saved, as of a checkpoint at ``step``."""
+
+    def close(self) -> None:
+        pass
+
+
+class ICSProbe(Probe):
+    """``ics/l2`` and ``ics/cos`` of layers #k on the step's batch, before the optimiser step."""
+
+    name = "ics"
+
+    def __init__(self, model: ChainModel, loss_fn, optimizer, log: Log, layers: Sequence[int], every: int):
+        super().__init__(every)
+        self.model, self.loss_fn, self.optimizer, self.log = model, loss_fn, optimizer, log
+        self.layers = list(layers)
+
+    def after_backward(self, step, batch):
+        results = measure_ics(self.model, self.loss_fn, batch, self.optimizer, self.model.layer_params(),
+                              which=[k - 1 for k in self.layers], use_grad_fields=True)
+        for r in results:
+            self.log(step, "ics/l2", r["l2"], layer=r["layer"] + 1)
+            self.log(step, "ics/cos", r["cos"], layer=r["layer"] + 1)
+
+
+class LandscapeProbe(Probe):
+    """``landscape/loss`` and ``landscape/grad_diff`` per eta, ``landscape/beta``, ``landscape/grad_norm``.
+    ``direction="random"`` moves along a Gaussian direction of the gradient's norm, drawn from the run
+    seed and the step (not from the global random stream)."""
+
+    name = "landscape"
+
+    def __init__(self, model: nn.Module, loss_fn, log: Log, etas: Sequence[float], every: int,
+                 direction: str, seed: int, batched: bool | str = "auto"):
+        super().__init__(every)
+        if direction not in ("gradient", "random"):
+            raise ValueError(f"landscape direction must be 'gradient' or 'random'; got {direction!r}")
+        self.model, self.loss_fn, self.log = model, loss_fn, log
+        self.etas, self.direction, self.seed, self.batched = list(etas), direction, seed, batched
+
+    def random_direction(self, step: int) -> list[torch.Tensor]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gen = torch.Generator().manual_seed(derived_seed(self.seed, "landscape-direction", step))
+        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+        grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+        d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d))
+        return [t * (grad_norm / d_norm).to(t.dtype) for t in d]
+
+    def after_backward(self, step, batch):
+        direction = self.random_direction(step) if self.direction == "random" else None
+        result = probe_landscape(self.model, self.loss_fn, batch, self.etas, direction,
+                                 use_grad_fields=True, batched=self.batched)
+        for eta, loss, diff in zip(result["eta"], result["loss"], result["grad_diff"]):
+            self.log(step, "landscape/loss", loss, eta=eta)
+            self.log(step, "landscape/grad_diff", diff, eta=eta)
+        self.log(step, "landscape/beta", result["beta"])
+        self.log(step, "landscape/grad_norm", result["grad_norm"])
+
+
+class ActivationProbe(Probe):
+    """``act/q*``, ``act/mean``, ``act/var`` of one random unit per layer #k, from the training forward
+    pass; histograms in ``activations.npz`` (arrays ``step``, ``layer``, ``unit``, ``counts``, ``edges``)."""
+
+    name = "activations"
+    FILE = "activations.npz"
+
+    def __init__(self, model: ChainModel, log: Log, layers: Sequence[int], every: int, seed: int,
+                 quantiles: Sequence[float], bins: int):
+        super().__init__(every)
+        self.recorder = ActivationRecorder(model, layers, seed, quantiles, bins, log)
+
+    def before_forward(self, step):
+        self.recorder.arm(step)
+
+    def save(self, run_dir):
+        self.recorder.save(run_dir / self.FILE)
+
+    def restore(self, run_dir, step):
+        self.recorder.load(run_dir / self.FILE, before_step=step)
+
+    def close(self):
+        self.recorder.remove()
+
+
+PROBES = {cls.name: cls for cls in (ICSProbe, LandscapeProbe, ActivationProbe)}
+
+
+def build_probes(cfg, *, model: ChainModel, loss_fn, optimizer, log: Log, seed: int) -> list[Probe]:
+    """The probes selected in ``cfg`` (the ``probes`` node: a mapping name -> settings)."""
+    probes: list[Probe] = []
+    for name, pc in (cfg or {}).items():
+        if name == "ics":
+            probes.append(ICSProbe(model, loss_fn, optimizer, log, pc.layers, pc.every))
+        elif name == "landscape":
+            probes.append(LandscapeProbe(model, loss_fn, log, pc.etas, pc.every, pc.direction, seed, pc.batched))
+        elif name == "activations":
+            probes.append(ActivationProbe(model, log, pc.layers, pc.every, seed, pc.quantiles, pc.bins))
+        else:
+            raise ValueError(f"unknown probe {name!r}; known: {sorted(PROBES)}")
+    return probes

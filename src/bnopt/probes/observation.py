@@ -1,0 +1,133 @@
+"""What every measurement shares: it must observe the run and change nothing.
+
+:func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics
+and no running-statistics updates — and on exit restores every module's mode and flags, every buffer,
+and the global random-number state (CPU and the model's CUDA device). Inside, :meth:`Observation.replay`
+rewinds the random state before each forward pass, so that every pass of one measurement sees the same
+random draws (dropout masks, or anything else drawn from torch's global generator).
+
+Parameters and ``.grad`` fields are never written by the measurements, except by the ICS probe's
+simulated optimiser step, which restores them itself (:func:`simulate_optimizer_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class Observation:
+    def __init__(self, devices: list[int]):
+        self._devices = devices
+        self._cpu_state = torch.get_rng_state()
+        self._cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+
+    def replay(self) -> None:
+        """Rewind the global random state to where the measurement started."""
+        torch.set_rng_state(self._cpu_state)
+        for device, state in zip(self._devices, self._cuda_states):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+
+
+@contextlib.contextmanager
+def observation(model: nn.Module) -> Iterator[Observation]:
+    modes = {m: m.training for m in model.modules()}
+    tracking = {m: m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = _cuda_devices(model)
+    with torch.random.fork_rng(devices=devices):
+        try:
+            model.train()
+            for m in tracking:
+                m.track_running_stats = False
+            with torch.enable_grad():
+                yield Observation(devices)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+            for m, flag in tracking.items():
+                m.track_running_stats = flag
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+
+
+def loss_at(model: nn.Module, loss_fn, batch, obs: Observation, params: dict | None = None) -> torch.Tensor:
+    """The training loss on ``batch``, optionally with some parameters replaced (by name)."""
+    inputs, targets = batch
+    obs.replay()
+    out = model(inputs) if not params else torch.func.functional_call(model, params, (inputs,), strict=False)
+    return loss_fn(out, targets)
+
+
+def current_gradient(model, loss_fn, batch, obs: Observation, params: Sequence[nn.Parameter],
+                     use_grad_fields: bool) -> list[torch.Tensor]:
+    """The gradient of the loss on ``batch`` at the current weights w.r.t. ``params``: computed here, or
+    read from the ``.grad`` fields left by the caller's ``loss.backward()`` on the same batch."""
+    if use_grad_fields:
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if missing:
+            raise ValueError(f"use_grad_fields=True but {len(missing)} parameters have no .grad; "
+                             "call loss.backward() on this batch first, or let the probe compute it")
+        return [p.grad.detach() for p in params]
+    return list(torch.autograd.grad(loss_at(model, loss_fn, batch, obs), params, allow_unused=True,
+                                    materialize_grads=True))
+
+
+def _snapshot(value):
+    return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
+
+
+@torch.no_grad()
+def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
+                            grads: Sequence[torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    """The values ``optimizer.step()`` would give ``params`` from gradients ``grads``: the real step runs
+    (momentum, weight decay, Adam's moments, any torch optimiser that steps without a closure), then
+    parameters, ``.grad`` fields, optimiser state and hyper-parameters are put back exactly."""
+    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_values = [p.detach().clone() for p in owned]
+    saved_grads = [p.grad for p in owned]
+    saved_state = {p: {k: _snapshot(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    saved_groups = [{k: _snapshot(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    given = dict(zip(params, grads))
+    try:
+        for p in owned:
+            # A copy: some optimisers modify .grad in place; parameters without a gradient do not move.
+            p.grad = given[p].detach().clone() if p in given else None
+        optimizer.step()
+        return {p: p.detach().clone() for p in params}
+    finally:
+        for p, value, grad in zip(owned, saved_values, saved_grads):
+            p.copy_(value)
+            p.grad = grad
+        for p in list(optimizer.state):
+            if p not in saved_state:
+                del optimizer.state[p]
+        for p, state in saved_state.items():
+            current = optimizer.state[p]
+            for k in set(current) - set(state):
+                del current[k]
+            for k, v in state.items():
+                if torch.is_tensor(v) and torch.is_tensor(current.get(k)) and current[k].shape == v.shape:
+                    current[k].copy_(v)  # keep the tensor objects the optimiser holds
+                else:
+                    current[k] = v
+        for group, saved in zip(optimizer.param_groups, saved_groups):
+            group.update(saved)
+
+
+def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """The Euclidean norm of the concatenation of ``tensors``, accumulated in float64."""
+    return float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in tensors)))
+
+
+def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(sum((x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)))

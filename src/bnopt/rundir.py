@@ -1,0 +1,131 @@
+"""The results contract: what every run writes into its output directory.
+
+    config.yaml      the fully resolved config
+    metrics.csv      tidy long format, header ``step,name,value,layer,eta``; one row per value, written line
+                     by line, so a killed run keeps every row it logged
+    summary.json     status (running, completed, diverged, failed, interrupted), steps, final metrics,
+                     wall time, steps/s, device, torch version, git commit
+    checkpoint.pt    model, optimiser, step, random states; written atomically
+    activations.npz  histograms of the activation probe (when it is on)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_HEADER = "step,name,value,layer,eta"
+
+
+class OutputDirError(RuntimeError):
+    """The run's output directory cannot be written."""
+
+
+def _number(value: float) -> str:
+    """Shortest text that reads back as the same float (so repeated runs compare bit for bit)."""
+    return repr(float(value))
+
+
+class MetricsWriter:
+    """Appends rows to ``metrics.csv``. ``keep_before_step`` (resuming) first drops the rows of steps at
+    or after the checkpoint the run resumes from, so the file ends as if the run had never stopped."""
+
+    def __init__(self, path: Path, keep_before_step: int | None = None):
+        self.path = path
+        if keep_before_step is not None and path.exists():
+            _truncate_metrics(path, keep_before_step)
+        else:
+            path.write_text(METRICS_HEADER + "\n")
+        self._file = open(path, "a", buffering=1)  # line-buffered: every row reaches the OS at once
+        self.last: dict[str, float] = {}  # latest train/* and test/* values, for the summary
+
+    def log(self, step: int, name: str, value: float, layer: int | None = None, eta: float | None = None) -> None:
+        layer_text = "" if layer is None else str(int(layer))
+        eta_text = "" if eta is None else _number(eta)
+        self._file.write(f"{int(step)},{name},{_number(value)},{layer_text},{eta_text}\n")
+        if name.startswith(("train/", "test/")):
+            self.last[name] = float(value)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _truncate_metrics(path: Path, keep_before_step: int) -> None:
+    lines = path.read_text().splitlines()
+    kept = [METRICS_HEADER]
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) == 5 and fields[0].isdigit() and int(fields[0]) < keep_before_step:
+            kept.append(line)
+    _atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+class RunDirectory:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.csv"
+        self.summary = self.path / "summary.json"
+        self.checkpoint = self.path / "checkpoint.pt"
+
+    def ensure_writable(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise OutputDirError(f"output directory {self.path} is not writable ({err.strerror}); "
+                                  f"choose another with hydra.run.dir=...") from err
+
+    def write_config(self, cfg: DictConfig) -> None:
+        _atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
+
+    def write_summary(self, summary: dict) -> None:
+        _atomic_write_text(self.summary, json.dumps(_json_safe(summary), indent=2) + "\n")
+
+    def read_summary(self) -> dict | None:
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_checkpoint(self, state: dict) -> None:
+        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+
+def git_commit() -> str:
+    """The commit of the bnopt source tree this run used, with ``-dirty`` for uncommitted changes."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

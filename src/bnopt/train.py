@@ -1,0 +1,300 @@
+"""The training loop: one run, from a composed config to the results contract in its directory.
+
+Read top to bottom: ``train`` builds everything, resumes from a checkpoint if the directory has one, then
+runs the plain loop. Steps are counted from 0: step t uses the weights after t updates, W(t), so
+``train/*`` and probe rows at step t describe W(t) on batch t, and ``test/*`` rows at step t evaluate W(t).
+
+Probes attach at two hook points of every step where they are due: before the forward pass, and between
+``loss.backward()`` and ``optimizer.step()``. They are observations: a run with probes produces exactly the
+metrics of a run without them.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from bnopt.build import build_model, build_optimizer, resolve_device
+from bnopt.config import check_against_run, check_config
+from bnopt.data import BatchStream, TensorData, load_data
+from bnopt.norms import NoisyNorm
+from bnopt.probes import build_probes
+from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
+from bnopt.seeding import seed_everything
+
+FINISHED = ("completed", "diverged")
+
+
+class ResumeError(RuntimeError):
+    """The output directory holds a checkpoint this run cannot continue from."""
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train one run described by ``cfg`` into ``run_dir``; return its summary."""
+    check_config(cfg)
+    run = RunDirectory(run_dir)
+    run.ensure_writable()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = load_checkpoint(run, resolved)
+    if checkpoint is not None and checkpoint["status"] in FINISHED:
+        print(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
+        return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
+    run.write_config(cfg)
+
+    # --- build: data, model, optimiser, probes --------------------------------------------------------
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, cfg.seed).to(device)
+    model = build_model(cfg, data).to(device)
+    check_against_run(cfg, model.num_layers, len(data.train_x))
+    steps = cfg.train.steps
+    optimizer, schedule = build_optimizer(cfg.optim, model, steps)
+    batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, augment=cfg.data.get("augment", False))
+    start = 0 if checkpoint is None else checkpoint["step"]
+    metrics = MetricsWriter(run.metrics, keep_before_step=None if checkpoint is None else start)
+    log = metrics.log
+    probes = build_probes(cfg.probes, model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
+    if checkpoint is not None:
+        restore_state(checkpoint, model, optimizer, schedule, batches, device)
+        for probe in probes:
+            probe.restore(run.path, start)
+    noisy_layers = [m for m in model.modules() if isinstance(m, NoisyNorm)]
+
+    summary = {
+        "status": "running", "steps": start, "final": {}, "diverged_at_step": None,
+        "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
+        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "git_commit": git_commit(), "started": now(), "finished": None, "error": None,
+    }
+    run.write_summary(summary)
+
+    def save_checkpoint(step: int, status: str) -> None:
+        for probe in probes:
+            probe.save(run.path)
+        run.save_checkpoint(checkpoint_state(step, status, resolved, model, optimizer, schedule, batches,
+                                             summary["wall_time_s"] + time.perf_counter() - t0))
+
+    # Checking the loss for NaN/inf reads it back to the host: every step on the CPU (free), at logging
+    # steps on a GPU (no sync per step; a divergence is then reported at the next logging step).
+    check_every = 1 if device.type == "cpu" else cfg.train.log_every
+    status, step = "completed", start
+    t0 = time.perf_counter()
+    bar = tqdm(total=steps, initial=start, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    try:
+        with stop_signals() as stop:
+            # --- the loop ---------------------------------------------------------------------------
+            while step < steps:
+                if stop.requested:
+                    status = "interrupted"
+                    break
+                if step > start and step % cfg.train.checkpoint_every == 0:
+                    save_checkpoint(step, "running")
+                if step % cfg.train.eval_every == 0:
+                    evaluate(model, data, cfg.train.eval_batch_size, step, log)
+
+                inputs, targets = batches.next()
+                due = [probe for probe in probes if probe.due(step)]
+                model.train()
+                for layer in noisy_layers:
+                    layer.step = step  # noisy BN draws the noise of (seed, layer, step)
+                for probe in due:
+                    probe.before_forward(step)  # hook point 1: e.g. arm the activation hooks
+                outputs = model(inputs)
+                loss = data.loss_fn(outputs, targets)
+                if step % check_every == 0 and not torch.isfinite(loss):
+                    status = "diverged"
+                    break
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for probe in due:
+                    probe.after_backward(step, (inputs, targets))  # hook point 2: .grad holds this batch's gradient
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+
+                if step % cfg.train.log_every == 0:
+                    log_train(step, loss, outputs, targets, data, log, bar)
+                step += 1
+                bar.update()
+            # -------------------------------------------------------------------------------------
+        if status == "completed":
+            evaluate(model, data, cfg.train.eval_batch_size, step, log)
+        save_checkpoint(step, status)
+    except KeyboardInterrupt:
+        summary["status"] = "interrupted"  # the last periodic checkpoint stays the resume point
+        raise
+    except BaseException as err:
+        summary.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        bar.close()
+        metrics.close()
+        for probe in probes:
+            probe.close()
+        elapsed = time.perf_counter() - t0
+        if summary["status"] == "running":
+            summary["status"] = status
+        summary.update(
+            steps=step, final=dict(metrics.last), diverged_at_step=step if status == "diverged" else None,
+            wall_time_s=summary["wall_time_s"] + elapsed,
+            steps_per_s=(step - start) / elapsed if elapsed > 0 else None, finished=now(),
+        )
+        run.write_summary(summary)
+    return summary
+
+
+def log_train(step, loss, outputs, targets, data: TensorData, log, bar) -> None:
+    """``train/loss`` (and ``train/acc``) on the current batch, at W(t)."""
+    log(step, "train/loss", loss.item())
+    postfix = {"loss": f"{loss.item():.4g}"}
+    if data.is_classification:
+        accuracy = (outputs.argmax(1) == targets).float().mean().item()
+        log(step, "train/acc", accuracy)
+        postfix["acc"] = f"{accuracy:.3f}"
+    bar.set_postfix(postfix, refresh=False)
+
+
+@torch.no_grad()
+def evaluate(model, data: TensorData, batch_size: int, step: int, log) -> None:
+    """``test/loss`` and ``test/acc`` over the whole test set in eval mode (running statistics, no noise)."""
+    if data.test_x is None:
+        return
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.test_x.device)
+    correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
+    for i in range(0, len(data.test_x), batch_size):
+        x, y = data.test_x[i : i + batch_size], data.test_y[i : i + batch_size]
+        out = model(x)
+        total_loss += F.cross_entropy(out, y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    log(step, "test/loss", total_loss.item() / len(data.test_x))
+    log(step, "test/acc", correct.item() / len(data.test_x))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def checkpoint_state(step, status, resolved, model, optimizer, schedule, batches, wall_time_s) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "step": step,
+        "status": status,
+        "config": resolved,
+        "wall_time_s": wall_time_s,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": None if schedule is None else schedule.state_dict(),
+        "batches": batches.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate(),
+        },
+    }
+
+
+CHECKPOINT_KEYS = {"step", "status", "config", "wall_time_s", "model", "optimizer", "schedule", "batches", "rng"}
+
+
+def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
+    """The checkpoint in ``run``, if any, after checking that it belongs to this exact config."""
+    if not run.checkpoint.exists():
+        return None
+    try:
+        state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+        missing = CHECKPOINT_KEYS - set(state)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+    except Exception as err:
+        raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {err}); it is corrupt or "
+                          "not a bnopt checkpoint. Move it away to start this run afresh, or choose another "
+                          "output directory (hydra.run.dir=...)") from None
+    if state["config"] != resolved:
+        diffs = ", ".join(config_differences(state["config"], resolved)[:5])
+        raise ResumeError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
+                          "overwrite its results. Choose another output directory (hydra.run.dir=...)")
+    return state
+
+
+def config_differences(a, b, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two plain config trees differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += config_differences(a.get(key, "<absent>"), b.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def restore_state(state, model, optimizer, schedule, batches, device) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None:
+        schedule.load_state_dict(state["schedule"])
+    batches.load_state_dict(state["batches"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+
+
+class _Stop:
+    requested = False
+
+
+@contextmanager
+def stop_signals():
+    """SIGTERM (what SLURM sends before a kill) and SIGINT ask the loop to stop at the next step, where it
+    checkpoints and exits as ``interrupted``; a second SIGINT interrupts at once."""
+    stop = _Stop()
+
+    def request(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.signal(s, request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
