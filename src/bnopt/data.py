@@ -198,10 +198,10 @@ def gaussian_regression(n_samples: int, dim: int, seed: int) -> tuple[torch.Tens
 
 def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
     """Scale uint8 images to [0, 1] and normalise each channel by the training set's mean and std."""
-    train_t = torch.from_numpy(train).float().div_(255)
-    mean = train_t.double().mean(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
-    std = train_t.double().std(dim=(0, 2, 3)).float().view(1, -1, 1, 1)
-    return [(t - mean) / std for t in (train_t, *(torch.from_numpy(o).float().div_(255) for o in others))]
+    # float64 accumulation over the uint8 array, without a float64 copy of the data set
+    mean = torch.from_numpy(train.mean(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
+    std = torch.from_numpy(train.std(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
+    return [(torch.from_numpy(a).float().div_(255) - mean) / std for a in (train, *others)]
 
 
 def load_data(cfg, seed: int) -> TensorData:

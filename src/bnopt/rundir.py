@@ -97,8 +97,7 @@ class RunDirectory:
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            raise OutputDirError(f"output directory {self.path} is not writable ({err.strerror}); "
-                                  f"choose another with hydra.run.dir=...") from err
+            raise OutputDirError(f"output directory {self.path} is not writable ({err.strerror})") from err
 
     def write_config(self, cfg: DictConfig) -> None:
         _atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))

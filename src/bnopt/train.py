@@ -225,7 +225,8 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
         if missing:
             raise KeyError(f"no {', '.join(sorted(missing))}")
     except Exception as err:
-        raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {err}); it is corrupt or "
+        reason = str(err).splitlines()[0].split(". ")[0][:120] if str(err) else ""
+        raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {reason}); it is corrupt or "
                           "not a bnopt checkpoint. Move it away to start this run afresh, or choose another "
                           "output directory (hydra.run.dir=...)") from None
     if state["config"] != resolved:

@@ -24,7 +24,7 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    current_gradient, flat_dot, flat_norm, loss_at, observation, simulate_optimizer_step,
+    current_gradient, flat_cosine, flat_distance, loss_at, observation, simulate_optimizer_step,
 )
 
 
@@ -67,10 +67,7 @@ def measure_ics(
         for i in which:
             g = [by_param[p] for p in layers[i]]
             g_shifted = shifted.get(i, g)  # layer 0: G' = G
-            diff = [a - b for a, b in zip(g, g_shifted)]
-            norms = flat_norm(g) * flat_norm(g_shifted)
-            cos = flat_dot(g, g_shifted) / norms if norms > 0 else float("nan")
-            results.append({"layer": i, "l2": flat_norm(diff), "cos": cos})
+            results.append({"layer": i, "l2": flat_distance(g, g_shifted), "cos": flat_cosine(g, g_shifted)})
     return results
 
 

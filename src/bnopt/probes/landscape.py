@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bnopt.norms import NoisyNorm
-from bnopt.probes.observation import current_gradient, flat_norm, loss_at, observation
+from bnopt.probes.observation import current_gradient, flat_distance, flat_norm, loss_at, observation
 
 
 def probe_landscape(
@@ -60,7 +60,7 @@ def probe_landscape(
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, grads_at = evaluate(model, loss_fn, batch, obs, named, d, etas)
     d_norm = flat_norm(d)
-    grad_diff = [flat_norm([a - b for a, b in zip(g, grad)]) for grad in grads_at]
+    grad_diff = [flat_distance(g, grad) for grad in grads_at]
     beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": flat_norm(g)}
 
@@ -83,7 +83,7 @@ def _evaluate_loop(model, loss_fn, batch, obs, named, d, etas):
         moved = _moved(named, d, eta)
         loss = loss_at(model, loss_fn, batch, obs, moved)
         grads.append(torch.autograd.grad(loss, list(moved.values()), allow_unused=True, materialize_grads=True))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, grads
 
 

@@ -124,10 +124,22 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
             group.update(saved)
 
 
+def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The concatenation of ``tensors`` as one float64 vector."""
+    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+
+
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """The Euclidean norm of the concatenation of ``tensors``, accumulated in float64."""
-    return float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in tensors)))
+    """The Euclidean norm of the concatenation of ``tensors``, in float64."""
+    return float(flat(tensors).norm())
 
 
-def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return float(sum((x.detach().double() * y.detach().double()).sum() for x, y in zip(a, b)))
+def flat_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """||concat(a) - concat(b)||_2, differences taken in float64."""
+    return float((flat(a) - flat(b)).norm())
+
+
+def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    va, vb = flat(a), flat(b)
+    norms = va.norm() * vb.norm()
+    return float(va @ vb / norms) if norms > 0 else float("nan")

@@ -1,0 +1,105 @@
+"""The activation probe records exactly the input to the non-linearity of its unit, from the training pass."""
+
+import numpy as np
+import pytest
+import torch
+
+from bnopt.models import mlp, vgg
+from bnopt.norms import NoiseSpec, norm_factory
+from bnopt.probes import ActivationRecorder
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, step, name, value, layer=None, eta=None):
+        self.rows.append((step, name, value, layer))
+
+    def value(self, name, layer, step=None):
+        (v,) = [r[2] for r in self.rows if r[1] == name and r[3] == layer and (step is None or r[0] == step)]
+        return v
+
+
+def test_mlp_unit_statistics_are_those_of_the_sigmoid_input():
+    torch.manual_seed(0)
+    model = mlp(norm_factory("batchnorm"), in_features=20, hidden=[12, 12, 12])
+    rows = Rows()
+    recorder = ActivationRecorder(model, [2, 3], seed=4, quantiles=[0.15, 0.5, 0.85], bins=10, log=rows)
+    x = torch.randn(60, 20)
+    recorder.arm(step=7)
+    model(x)
+    # the same quantities computed by hand from the blocks
+    h1 = model.blocks[0](x)
+    pre2 = model.blocks[1].norm(model.blocks[1].weight(h1))
+    pre3 = model.blocks[2].norm(model.blocks[2].weight(model.blocks[1].activation(pre2)))
+    for layer, pre in ((2, pre2), (3, pre3)):
+        values = pre[:, recorder.units[layer]].detach().double()
+        for q in (0.15, 0.5, 0.85):
+            assert rows.value(f"act/q{q * 100:g}", layer) == pytest.approx(float(torch.quantile(values, q)))
+        assert rows.value("act/mean", layer) == pytest.approx(float(values.mean()))
+        assert rows.value("act/var", layer) == pytest.approx(float(values.var(unbiased=False)))
+    assert {r[0] for r in rows.rows} == {7}
+    assert [r["layer"] for r in recorder.records] == [2, 3]
+    assert all(r["counts"].sum() == 60 and len(r["edges"]) == 11 for r in recorder.records)
+
+
+def test_only_the_first_pass_of_an_armed_step_is_recorded():
+    model = mlp(norm_factory("none"), in_features=5, hidden=[4])
+    rows = Rows()
+    recorder = ActivationRecorder(model, [1], seed=0, quantiles=[0.5], bins=5, log=rows)
+    model(torch.randn(8, 5))  # not armed: nothing
+    recorder.arm(3)
+    model(torch.randn(8, 5))
+    model(torch.randn(8, 5))  # a measurement pass of another probe: ignored
+    assert len(recorder.records) == 1 and len(rows.rows) == 3
+    recorder.remove()
+    recorder.arm(4)
+    model(torch.randn(8, 5))
+    assert len(recorder.records) == 1
+
+
+def test_conv_units_pool_batch_and_positions_and_noise_is_included():
+    torch.manual_seed(1)
+    model = vgg(norm_factory("batchnorm", noise=NoiseSpec(n_mu=5.0), seed=0), depth=11, width=0.125, image_size=16)
+    rows = Rows()
+    recorder = ActivationRecorder(model, [1], seed=0, quantiles=[0.5], bins=20, log=rows)
+    recorder.arm(0)
+    x = torch.randn(6, 3, 16, 16)
+    model(x)
+    assert recorder.records[0]["counts"].sum() == 6 * 16 * 16
+    block = model.layer(1)
+    unit = recorder.units[1]
+    expected = block.norm(block.weight(x))[:, unit].detach().double()
+    assert rows.value("act/mean", 1) == pytest.approx(float(expected.mean()))
+    # BN alone would centre the unit at beta = 0; the noise (mu up to 5) moves it
+    plain = block.norm.inner(block.weight(x))[:, unit].detach().double()
+    assert abs(float(plain.mean())) < 1e-5 and abs(rows.value("act/mean", 1) - float(plain.mean())) > 1e-3
+
+
+def test_unit_depends_on_seed_and_layer_only():
+    model = mlp(norm_factory("none"), in_features=5, hidden=[50, 50, 50])
+    both = ActivationRecorder(model, [1, 3], seed=0, quantiles=[0.5], bins=5, log=Rows())
+    alone = ActivationRecorder(model, [3], seed=0, quantiles=[0.5], bins=5, log=Rows())
+    assert both.units[3] == alone.units[3]
+    units_by_seed = {ActivationRecorder(model, [3], seed=s, quantiles=[0.5], bins=5, log=Rows()).units[3] for s in range(10)}
+    assert len(units_by_seed) > 3
+
+
+def test_histograms_saved_atomically_and_taken_back_up_to_a_step(tmp_path):
+    model = mlp(norm_factory("none"), in_features=5, hidden=[4, 4])
+    recorder = ActivationRecorder(model, [1, 2], seed=0, quantiles=[0.5], bins=6, log=Rows())
+    for step in (0, 10, 20):
+        recorder.arm(step)
+        model(torch.randn(8, 5))
+    path = tmp_path / "activations.npz"
+    recorder.save(path)
+    with np.load(path) as saved:
+        assert saved["step"].tolist() == [0, 0, 10, 10, 20, 20]
+        assert saved["layer"].tolist() == [1, 2] * 3
+        assert saved["counts"].shape == (6, 6) and saved["edges"].shape == (6, 7)
+        assert set(saved["unit"].tolist()) <= set(recorder.units.values())
+    assert not list(tmp_path.glob("*.tmp*"))
+    resumed = ActivationRecorder(model, [1, 2], seed=0, quantiles=[0.5], bins=6, log=Rows())
+    resumed.load(path, before_step=20)
+    assert [r["step"] for r in resumed.records] == [0, 0, 10, 10]

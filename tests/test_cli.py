@@ -1,0 +1,160 @@
+"""`python train.py` as a user runs it: clear one-line errors before any training, exit codes, the
+default run directory, and runs that survive being killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bnopt.config import ConfigError, check_against_run, check_config
+from conftest import REPO, compose_config, read_rows, run_cli, train_run
+
+# --- bad input, in-process ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optim.lr=-0.1"], "optim.lr"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=abc"], "optim.lr"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.steps=-5"], "train.steps"),
+    (["train.log_every=0"], "train.log_every"),
+    (["norm=lp1", "norm.p=3"], "norm.p"),
+    (["norm=noisy_batchnorm", "norm.noise.n_sigma=0.5"], "norm.noise.n_sigma"),
+    (["optim.momentum=1.5"], "optim.momentum"),
+    (["optim.nesterov=true"], "optim.momentum"),
+    (["device=gpu"], "device"),
+    (["model.depth=12"], "model.depth"),
+    (["model=dln"], "data.name"),
+    (["probes=[activations]", "probes.activations.quantiles=[0.5,2]"], "probes.activations.quantiles"),
+    (["probes=[landscape]", "probes.landscape.etas=[]"], "probes.landscape.etas"),
+    (["+probes.icz.every=3"], "probes.icz"),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(*overrides))
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}=") and "is not allowed:" in str(err.value)
+
+
+def test_a_probe_layer_that_does_not_exist_and_a_batch_larger_than_the_data_set():
+    cfg = compose_config("+experiment=dln_bn", "model.paper.ics_layers=[9,26]")
+    with pytest.raises(ConfigError, match=r"probes.ics.layers=\[9, 26\] is not allowed: layer numbers between 1 and 25"):
+        check_against_run(cfg, num_layers=25, train_size=1000)
+    with pytest.raises(ConfigError, match="train.batch_size=2000 .* at most the training set size"):
+        check_against_run(compose_config("+experiment=dln_bn", "train.batch_size=2000"), num_layers=25, train_size=1000)
+
+
+def test_an_unwritable_output_directory_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    from bnopt.rundir import OutputDirError
+
+    with pytest.raises(OutputDirError, match="not writable"):
+        train_run(tmp_path / "file" / "run", "+experiment=dln_bn", "scale=smoke")
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
+    assert_one_line_error(run_cli("+experiment=dln_bn", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'a'}"),
+                          "optim.lr=-1", "positive learning rate")
+    assert json.loads((tmp_path / "a/summary.json").read_text())["status"] == "failed"
+    assert_one_line_error(run_cli("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
+                                  f"hydra.run.dir={tmp_path / 'b'}"), "MNIST not found", f"{tmp_path}/none")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(run_cli("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"),
+                          "not writable", "hydra.run.dir")
+    unknown = run_cli("norm=batchnrom", f"hydra.run.dir={tmp_path / 'c'}")
+    assert unknown.returncode != 0 and "Could not find 'norm/batchnrom'" in unknown.stderr
+    assert "noisy_batchnorm" in unknown.stderr  # Hydra lists the options
+
+
+def test_cli_run_lands_in_the_readable_default_directory_and_divergence_exits_zero(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "+experiment=dln_bn", "scale=smoke",
+                             "norm=none", "optim.lr=1.0"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (summary,) = tmp_path.glob("results/runs/dln_bn/*-*-*/*-*-*/summary.json")
+    assert json.loads(summary.read_text())["status"] == "diverged"
+    assert (summary.parent / "metrics.csv").exists() and (summary.parent / "config.yaml").exists()
+
+
+# --- runs that survive ---------------------------------------------------------------------------------
+
+SURVIVOR = ("+experiment=dln_bn", "train.steps=600", "train.checkpoint_every=100", "probes=[ics,landscape]",
+            "model.paper.ics_layers=[2,9,17]", "train.log_every=10")
+
+
+def start(run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *SURVIVOR, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = run_dir / "metrics.csv"
+        if metrics.exists() and any(line.startswith(f"{step},") for line in metrics.read_text().splitlines()):
+            return
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} never logged")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    train_run(run_dir, *SURVIVOR)
+    return run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, uninterrupted, sig):
+    process = start(tmp_path)
+    wait_for_step(tmp_path, 250, process)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    if sig == signal.SIGTERM:
+        assert process.returncode == 0 and summary["status"] == "interrupted"
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "interrupted"
+    else:
+        assert summary["status"] == "running"  # killed without a word: the summary says so
+    kept = read_rows(tmp_path, ("train/",))
+    assert kept and kept == read_rows(uninterrupted, ("train/",))[: len(kept)]  # flushed as it went
+
+    resumed = run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "metrics.csv").read_bytes() == (uninterrupted / "metrics.csv").read_bytes()
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    reference = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
+    assert final["step"] == reference["step"] == 600
+    assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uninterrupted):
+    again = run_cli(*SURVIVOR, f"hydra.run.dir={uninterrupted}")
+    assert again.returncode == 0 and "already completed" in again.stdout
+    assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={uninterrupted}"),
+                          "another config", "optim.lr: 1e-06 -> 2e-06")
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten

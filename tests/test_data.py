@@ -1,0 +1,156 @@
+"""Data loading from the real on-disk formats, clear errors when files are missing, tensor batching."""
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from bnopt.data import (
+    BatchStream, DatasetNotFoundError, gaussian_regression, load_cifar10, load_data, load_mnist_format, read_idx,
+)
+from synthetic import labelled_images, write_cifar10, write_idx, write_mnist
+
+
+def data_cfg(name, root, **extra):
+    base = dict(name=name, root=str(root), download=False, augment=False, num_classes=10,
+                max_train_samples=None, max_test_samples=None, search_paths=[])
+    return OmegaConf.create({**base, **extra})
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_idx_files_round_trip(tmp_path, gzipped):
+    images, _ = labelled_images(5, (28, 28), seed=0)
+    path = write_idx(tmp_path / "images", images, gzipped)
+    assert np.array_equal(read_idx(path), images)
+
+
+def test_truncated_idx_file_is_refused(tmp_path):
+    images, _ = labelled_images(5, (28, 28), seed=0)
+    path = write_idx(tmp_path / "images", images, gzipped=False)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_mnist_format_files_directly_in_root(tmp_path, gzipped):
+    write_mnist(tmp_path, n_train=30, n_test=20, gzipped=gzipped)
+    arrays = load_mnist_format("fashion_mnist", tmp_path, download=False)
+    assert arrays["train_x"].shape == (30, 1, 28, 28) and arrays["test_y"].shape == (20,)
+
+
+def test_mnist_format_in_torchvision_layout_and_in_search_paths(tmp_path):
+    write_mnist(tmp_path / "MNIST" / "raw", n_train=30, n_test=20)
+    assert load_mnist_format("mnist", tmp_path, download=False)["train_x"].shape[0] == 30
+    elsewhere = write_mnist(tmp_path / "system", n_train=40, n_test=20)
+    loaded = load_mnist_format("fashion_mnist", tmp_path / "empty", download=False, search_paths=[str(elsewhere)])
+    assert loaded["train_x"].shape[0] == 40
+
+
+def test_missing_mnist_names_the_data_set_the_directories_and_the_fix(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_mnist_format("fashion_mnist", tmp_path, download=False)
+    message = str(err.value)
+    assert "Fashion-MNIST not found" in message and str(tmp_path) in message
+    assert "data.download=true" in message and "dataset-fashion-mnist" in message
+
+
+def test_failed_download_is_a_clear_error_not_fake_data(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *args, **kwargs):
+            raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(DatasetNotFoundError, match="CIFAR-10 is not in .* downloading it failed .*unreachable"):
+        load_cifar10(tmp_path, download=True)
+    with pytest.raises(DatasetNotFoundError, match="MNIST is not in"):
+        load_mnist_format("mnist", tmp_path, download=True)
+
+
+def test_cifar10_pickled_batches(tmp_path):
+    write_cifar10(tmp_path, per_batch=12, n_test=7)
+    arrays = load_cifar10(tmp_path, download=False)
+    assert arrays["train_x"].shape == (60, 3, 32, 32) and arrays["train_x"].dtype == np.uint8
+    assert arrays["test_y"].shape == (7,)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFoundError, match="lacks data_batch_3.*data.download=true"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_load_data_normalises_per_channel_with_training_statistics(cifar_root):
+    data = load_data(data_cfg("cifar10", cifar_root), seed=0)
+    assert data.train_x.dtype == torch.float32 and data.input_shape == (3, 32, 32)
+    per_channel = data.train_x.transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    assert data.is_classification and data.num_classes == 10
+
+
+def test_load_data_subsets_take_the_first_samples(mnist_root):
+    full = load_data(data_cfg("mnist", mnist_root), seed=0)
+    small = load_data(data_cfg("mnist", mnist_root, max_train_samples=50, max_test_samples=10), seed=0)
+    assert len(small.train_x) == 50 and len(small.test_x) == 10
+    assert torch.equal(small.train_x, full.train_x[:50])
+
+
+def test_gaussian_regression_is_fixed_by_the_seed_and_linear():
+    x, y = gaussian_regression(1000, 10, seed=3)
+    x2, y2 = gaussian_regression(1000, 10, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, gaussian_regression(1000, 10, seed=4)[0])
+    a = torch.linalg.lstsq(x.double(), y.double()).solution.T
+    torch.testing.assert_close((x.double() @ a.T).float(), y, atol=1e-4, rtol=1e-4)
+    assert x.mean().abs() < 0.1 and (x.std() - 1).abs() < 0.05
+
+
+def test_batches_cover_each_epoch_without_replacement_and_are_repeatable():
+    x = torch.arange(100).float().view(100, 1)
+    y = torch.arange(100)
+    stream = BatchStream(x, y, batch_size=30, seed=0)
+    epoch = [stream.next() for _ in range(3)]  # 90 of 100; the last 10 are dropped
+    seen = torch.cat([b[1] for b in epoch])
+    assert len(set(seen.tolist())) == 90
+    assert all(torch.equal(bx.view(-1).long(), by) for bx, by in epoch)
+    next_epoch = stream.next()[1]
+    assert not torch.equal(next_epoch, epoch[0][1])  # reshuffled
+    again = BatchStream(x, y, batch_size=30, seed=0)
+    assert all(torch.equal(again.next()[1], b[1]) for b in epoch)
+
+
+def test_full_batch_is_the_data_set_in_order():
+    x, y = torch.randn(10, 3), torch.randn(10, 3)
+    stream = BatchStream(x, y, batch_size=10, seed=0)
+    bx, by = stream.next()
+    assert bx is x and by is y
+    with pytest.raises(ValueError, match="between 1 and the data set size 10"):
+        BatchStream(x, y, batch_size=11, seed=0)
+
+
+def test_batch_stream_state_round_trip_continues_identically():
+    x, y = torch.randn(50, 2), torch.arange(50)
+    a = BatchStream(x, y, batch_size=7, seed=1, augment=False)
+    for _ in range(9):
+        a.next()
+    state = a.state_dict()
+    expected = [a.next()[1] for _ in range(10)]
+    b = BatchStream(x, y, batch_size=7, seed=99)
+    b.load_state_dict(state)
+    assert all(torch.equal(b.next()[1], e) for e in expected)
+
+
+def test_crop_and_flip_shift_and_mirror_each_image():
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    x = image.repeat(200, 1, 1, 1)
+    out = BatchStream(x, torch.zeros(200), batch_size=200, seed=0, augment=True, crop_padding=1).next()[0]
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1))[0, 0]
+    candidates = [padded[dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
+    candidates += [c.flip(1) for c in candidates]
+    found = set()
+    for img in out[:, 0]:
+        matches = [i for i, c in enumerate(candidates) if torch.equal(img, c)]
+        assert matches, "every augmented image is a padded crop, possibly mirrored"
+        found.add(matches[0])
+    assert len(found) > 12  # offsets and flips actually vary

@@ -1,0 +1,278 @@
+"""measure_ics against independent answers: G and G' written out by hand for a linear network, brute
+force with copied models for the paper's networks, and the lr-0 prefix that must give zero shift."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bnopt.models import Block, ChainModel, dln, mlp, vgg
+from bnopt.norms import NoiseSpec, norm_factory, set_noise_step
+from bnopt.probes import measure_ics
+
+# --- a 3-layer linear network, by hand ----------------------------------------------------------------
+# out = ((X W1^T) W2^T + b2) W3^T,   L = 0.5 * sum (out - Y)^2
+
+
+def hand_gradients(w: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+    h1 = x @ w["W1"].T
+    h2 = h1 @ w["W2"].T + w["b2"]
+    r = h2 @ w["W3"].T - y  # dL/d out
+    d2 = r @ w["W3"]        # dL/d h2
+    d1 = d2 @ w["W2"]       # dL/d h1
+    return {"W1": d1.T @ x, "W2": d2.T @ h1, "b2": d2.sum(0), "W3": r.T @ h2}
+
+
+LAYERS = [["W1"], ["W2", "b2"], ["W3"]]
+
+
+def hand_ics(w: dict, x, y, updated: dict) -> list[dict]:
+    g = hand_gradients(w, x, y)
+    out = []
+    for i, names in enumerate(LAYERS):
+        shifted_w = dict(w)
+        for earlier in LAYERS[:i]:
+            for name in earlier:
+                shifted_w[name] = updated[name]
+        g2 = hand_gradients(shifted_w, x, y)
+        a = torch.cat([g[n].flatten() for n in names])
+        b = torch.cat([g2[n].flatten() for n in names])
+        out.append({"layer": i, "l2": float((a - b).norm()), "cos": float(a @ b / (a.norm() * b.norm()))})
+    return out
+
+
+class ThreeLinear(nn.Module):
+    """A plain module (not a ChainModel), so measure_ics takes its general path."""
+
+    def __init__(self, w: dict):
+        super().__init__()
+        self.W1, self.W2, self.b2, self.W3 = (nn.Parameter(w[n].clone()) for n in ("W1", "W2", "b2", "W3"))
+
+    def forward(self, x):
+        return ((x @ self.W1.T) @ self.W2.T + self.b2) @ self.W3.T
+
+    def layers(self):
+        return [[self.W1], [self.W2, self.b2], [self.W3]]
+
+
+def three_linear_chain(w: dict) -> ChainModel:
+    """The same network as a ChainModel, so measure_ics takes its shared-prefix path."""
+    blocks = [Block(nn.Linear(4, 5, bias=False)), Block(nn.Linear(5, 3)), Block(nn.Linear(3, 2, bias=False))]
+    model = ChainModel(blocks).double()
+    with torch.no_grad():
+        model.blocks[0].weight.weight.copy_(w["W1"])
+        model.blocks[1].weight.weight.copy_(w["W2"])
+        model.blocks[1].weight.bias.copy_(w["b2"])
+        model.blocks[2].weight.weight.copy_(w["W3"])
+    return model
+
+
+def sum_squares(out, target):
+    return 0.5 * (out - target).pow(2).sum()
+
+
+@pytest.fixture
+def linear_problem():
+    gen = torch.Generator().manual_seed(0)
+    w = {"W1": torch.randn(5, 4, generator=gen, dtype=torch.float64) * 0.7,
+         "W2": torch.randn(3, 5, generator=gen, dtype=torch.float64) * 0.7,
+         "b2": torch.randn(3, generator=gen, dtype=torch.float64),
+         "W3": torch.randn(2, 3, generator=gen, dtype=torch.float64) * 0.7}
+    batches = [(torch.randn(16, 4, generator=gen, dtype=torch.float64),
+                torch.randn(16, 2, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    return w, batches
+
+
+def hand_sgd(lr, momentum, weight_decay):
+    """Two steps of torch's SGD by hand: the first on batch 0 (fills the momentum buffer), the second
+    (the one the ICS anticipates) on batch 1. Returns the weights after step 1 and after step 2."""
+
+    def run(w, batches):
+        buf, after = {}, []
+        for x, y in batches:
+            g = hand_gradients(w, x, y)
+            new = {}
+            for n in w:
+                d = g[n] + weight_decay * w[n]
+                buf[n] = d if n not in buf else momentum * buf[n] + d
+                new[n] = w[n] - lr * buf[n]
+            after.append(new)
+            w = new
+        return after
+
+    return run
+
+
+def hand_adam(lr, betas, eps):
+    def run(w, batches):
+        m, v, after = {}, {}, []
+        for t, (x, y) in enumerate(batches, start=1):
+            g = hand_gradients(w, x, y)
+            new = {}
+            for n in w:
+                m[n] = betas[0] * m.get(n, 0) + (1 - betas[0]) * g[n]
+                v[n] = betas[1] * v.get(n, 0) + (1 - betas[1]) * g[n] ** 2
+                m_hat, v_hat = m[n] / (1 - betas[0] ** t), v[n] / (1 - betas[1] ** t)
+                new[n] = w[n] - lr * m_hat / (v_hat.sqrt() + eps)
+            after.append(new)
+            w = new
+        return after
+
+    return run
+
+
+OPTIMIZERS = [
+    ("sgd", lambda ps: torch.optim.SGD(ps, lr=0.05), hand_sgd(0.05, 0.0, 0.0)),
+    ("sgd+momentum+wd", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
+     hand_sgd(0.05, 0.9, 0.01)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.95), eps=1e-8), hand_adam(0.01, (0.8, 0.95), 1e-8)),
+]
+
+
+@pytest.mark.parametrize("name, make_optimizer, by_hand", OPTIMIZERS, ids=[o[0] for o in OPTIMIZERS])
+@pytest.mark.parametrize("structure", ["plain module", "chain model"])
+def test_ics_matches_hand_computed_gradients(linear_problem, name, make_optimizer, by_hand, structure):
+    w, batches = linear_problem
+    if structure == "plain module":
+        model = ThreeLinear(w)
+        layers = model.layers()
+    else:
+        model = three_linear_chain(w)
+        layers = model.layer_params()
+    optimizer = make_optimizer(model.parameters())
+    x0, y0 = batches[0]
+    optimizer.zero_grad()
+    sum_squares(model(x0), y0).backward()
+    optimizer.step()  # a real first step, so that momentum / Adam state is part of the update
+    after_first, after_second = by_hand(w, batches)
+    x1, y1 = batches[1]
+    expected = hand_ics(after_first, x1, y1, after_second)
+    measured = measure_ics(model, sum_squares, (x1, y1), optimizer, layers)
+    assert [m["layer"] for m in measured] == [0, 1, 2]
+    for m, e in zip(measured, expected):
+        assert m["l2"] == pytest.approx(e["l2"], rel=1e-9, abs=1e-12)
+        assert m["cos"] == pytest.approx(e["cos"], rel=1e-9)
+    assert measured[0]["l2"] == 0.0  # no layers before the first: G' = G
+    assert measured[2]["l2"] > 1e-3  # and the shift is real further up
+
+
+def test_which_selects_layers_and_checks_indices(linear_problem):
+    w, (batch, _) = linear_problem
+    model = ThreeLinear(w)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    assert [r["layer"] for r in measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[2, 1])] == [1, 2]
+    with pytest.raises(IndexError, match="3 layers"):
+        measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[3])
+
+
+# --- the paper's networks -------------------------------------------------------------------------------
+
+
+def small_problem(kind: str, norm: str, noise: bool = False, seed: int = 0):
+    """(model, loss_fn, batch) for a small instance of each of the paper's networks."""
+    torch.manual_seed(seed)
+    make = norm_factory(norm, p=1 if norm == "lp" else None, noise=NoiseSpec() if noise else None, seed=seed)
+    if kind == "vgg":
+        model = vgg(make, depth=11, width=0.0625, in_channels=3, image_size=16)
+        batch = (torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,)))
+        return model, nn.functional.cross_entropy, batch
+    if kind == "mlp":
+        model = mlp(make, in_features=20, hidden=[16, 16, 16])
+        return model, nn.functional.cross_entropy, (torch.randn(40, 20), torch.randint(0, 10, (40,)))
+    model = dln(make, dim=6, depth=8)
+    return model, sum_squares, (torch.randn(50, 6), torch.randn(50, 6))
+
+
+def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[float, float]]:
+    """One full forward and backward per layer on deep copies: the naive scheme, sharing no code with
+    the library. G' for layer i comes from a copy whose layers before i hold the copied optimiser's
+    stepped values."""
+    x, y = batch
+
+    def gradients(m):
+        m.train()
+        for module in m.modules():
+            if hasattr(module, "track_running_stats"):
+                module.track_running_stats = False
+        set_noise_step(m, step)
+        m.zero_grad()
+        loss_fn(m(x), y).backward()
+        return [[p.grad.clone() for p in block.parameters()] for block in m.blocks]
+
+    base = copy.deepcopy(model)
+    g = gradients(base)
+    stepped_model = copy.deepcopy(model)
+    stepped_opt = copy.deepcopy(optimizer)
+    stepped_opt.param_groups = [dict(group, params=list(stepped_model.parameters())) for group in optimizer.param_groups]
+    stepped_opt.state = {sp: copy.deepcopy(optimizer.state[p]) for p, sp in zip(model.parameters(),
+                                                                                 stepped_model.parameters())
+                         if p in optimizer.state}
+    for p, grad in zip(stepped_model.parameters(), [t for layer in g for t in layer]):
+        p.grad = grad.clone()
+    stepped_opt.step()
+    out = []
+    for i in range(model.num_layers):
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            for k in range(i):
+                for p, new in zip(shifted.blocks[k].parameters(), stepped_model.blocks[k].parameters()):
+                    p.copy_(new)
+        g2 = gradients(shifted)[i]
+        a = torch.cat([t.flatten() for t in g[i]]).double()
+        b = torch.cat([t.flatten() for t in g2]).double()
+        out.append((float((a - b).norm()), float(a @ b / (a.norm() * b.norm()))))
+    return out
+
+
+CASES = [("vgg", "batchnorm", False), ("vgg", "none", False), ("vgg", "batchnorm", True), ("mlp", "batchnorm", False),
+         ("mlp", "lp", False), ("dln", "batchnorm", False), ("dln", "none", False), ("dln", "none", True)]
+
+
+@pytest.mark.parametrize("kind, norm, noise", CASES)
+def test_ics_is_bit_for_bit_the_naive_scheme(kind, norm, noise):
+    model, loss_fn, batch = small_problem(kind, norm, noise)
+    set_noise_step(model, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3 if kind == "dln" else 0.1, momentum=0.9)
+    optimizer.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # momentum buffers exist
+    fast = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    naive = brute_force_ics(model, loss_fn, batch, optimizer, step=3)
+    assert [(r["l2"], r["cos"]) for r in fast] == naive
+
+
+@pytest.mark.parametrize("kind, norm, noise", [("vgg", "batchnorm", True), ("dln", "none", True), ("mlp", "batchnorm", False)])
+def test_shared_prefix_and_general_paths_agree_bit_for_bit(kind, norm, noise):
+    model, loss_fn, batch = small_problem(kind, norm, noise)
+
+    class Wrapped(nn.Module):  # hides the chain structure: the general path runs
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3 if kind == "dln" else 0.1)
+    chain = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    general = measure_ics(Wrapped(model), loss_fn, batch, optimizer, model.layer_params())
+    assert chain == general
+
+
+@pytest.mark.parametrize("kind, norm, noise", [("vgg", "batchnorm", True), ("dln", "none", True), ("dln", "batchnorm", False)])
+def test_layers_before_i_without_update_give_no_shift(kind, norm, noise):
+    """lr 0 for layers before i: G' = G exactly, noise included. This holds only if every pass sees the
+    noise of (layer, step), whatever order the layers run in."""
+    model, loss_fn, batch = small_problem(kind, norm, noise)
+    layers = model.layer_params()
+    i = model.num_layers - 2
+    optimizer = torch.optim.SGD([{"params": [p for layer in layers[:i] for p in layer], "lr": 0.0},
+                                 {"params": [p for layer in layers[i:] for p in layer], "lr": 0.1}])
+    set_noise_step(model, 5)
+    (result,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[i])
+    assert result["l2"] == 0.0
+    assert result["cos"] == pytest.approx(1.0, abs=1e-12)
+    optimizer.param_groups[0]["lr"] = 0.1
+    (moved,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[i])
+    assert moved["l2"] > 0  # and the same layer does shift once the prefix moves

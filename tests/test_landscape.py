@@ -1,0 +1,199 @@
+"""probe_landscape against the closed form on a quadratic, and both probes as pure observations."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnopt.norms import set_noise_step
+from bnopt.probes import measure_ics, probe_landscape
+from test_ics import small_problem
+
+
+class Quadratic(nn.Module):
+    """L(w) = 0.5 w^T A w, whatever the batch: gradient A w, Hessian A."""
+
+    def __init__(self, a: torch.Tensor, w: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, inputs):
+        return 0.5 * self.w @ self.a @ self.w
+
+
+def loss_is_output(out, targets):
+    return out
+
+
+def quadratic(seed=0, n=6):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    eigenvalues = torch.linspace(0.5, 8.0, n, dtype=torch.float64)
+    a = q @ torch.diag(eigenvalues) @ q.T
+    w = torch.randn(n, generator=gen, dtype=torch.float64)
+    return a, w, q, eigenvalues
+
+
+ETAS = [0.01, 0.05, 0.1, 0.3]
+BATCH = (torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_quadratic_along_the_gradient_matches_the_closed_form(batched):
+    a, w, _, _ = quadratic()
+    g = a @ w
+    result = probe_landscape(Quadratic(a, w), loss_is_output, BATCH, ETAS, batched=batched)
+    for k, eta in enumerate(ETAS):
+        moved = w - eta * g
+        assert result["loss"][k] == pytest.approx(float(0.5 * moved @ a @ moved), rel=1e-12)
+        # grad L(w - eta g) = g - eta A g, so the gradient moves by eta ||A g||
+        assert result["grad_diff"][k] == pytest.approx(float(eta * (a @ g).norm()), rel=1e-10)
+    assert result["beta"] == pytest.approx(float((a @ g).norm() / g.norm()), rel=1e-10)
+    assert result["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+    assert result["eta"] == ETAS
+
+
+def test_beta_is_the_rayleigh_quotient_when_the_gradient_is_an_eigenvector():
+    """In general beta = ||A g|| / ||g||; along an eigenvector it is the Rayleigh quotient g^T A g / g^T g."""
+    a, _, q, eigenvalues = quadratic()
+    w = q[:, 2] * 3.0
+    g = a @ w
+    result = probe_landscape(Quadratic(a, w), loss_is_output, BATCH, ETAS)
+    assert result["beta"] == pytest.approx(float(g @ a @ g / (g @ g)), rel=1e-10)
+    assert result["beta"] == pytest.approx(float(eigenvalues[2]), rel=1e-10)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_quadratic_along_a_given_direction(batched):
+    a, w, _, _ = quadratic(seed=1)
+    d = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    g = a @ w
+    result = probe_landscape(Quadratic(a, w), loss_is_output, BATCH, ETAS, direction=[d], batched=batched)
+    for k, eta in enumerate(ETAS):
+        moved = w - eta * d
+        assert result["loss"][k] == pytest.approx(float(0.5 * moved @ a @ moved), rel=1e-12)
+        assert result["grad_diff"][k] == pytest.approx(float(eta * (a @ d).norm()), rel=1e-10)
+    assert result["beta"] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-10)
+    assert result["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+
+
+def test_bad_arguments_are_refused():
+    a, w, _, _ = quadratic()
+    with pytest.raises(ValueError, match="positive"):
+        probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1, -1.0])
+    with pytest.raises(ValueError, match="one tensor per trainable parameter"):
+        probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
+
+
+@pytest.mark.parametrize("kind, norm", [("mlp", "batchnorm"), ("dln", "batchnorm"), ("mlp", "lp")])
+def test_batched_and_looped_evaluations_agree(kind, norm):
+    model, loss_fn, batch = small_problem(kind, norm)
+    etas = [1e-4, 1e-3] if kind == "dln" else [0.05, 0.2]
+    looped = probe_landscape(model, loss_fn, batch, etas, batched=False)
+    batched = probe_landscape(model, loss_fn, batch, etas, batched=True)
+    for key in ("loss", "grad_diff"):
+        np.testing.assert_allclose(batched[key], looped[key], rtol=1e-4)
+    assert batched["beta"] == pytest.approx(looped["beta"], rel=1e-4)
+
+
+# --- purity ------------------------------------------------------------------------------------------
+
+
+def snapshot(model, optimizer):
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                  for i, p in enumerate(model.parameters())},
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "modes": [m.training for m in model.modules()],
+        "tracking": [m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")],
+        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1].copy(), "python_rng": random.getstate(),
+    }
+
+
+def assert_same(before, after):
+    for key in ("params", "buffers"):
+        assert all(torch.equal(x, y) for x, y in zip(before[key], after[key])), key
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(before["grads"], after["grads"]))
+    assert before["state"].keys() == after["state"].keys()
+    for i in before["state"]:
+        assert before["state"][i].keys() == after["state"][i].keys()
+        for k in before["state"][i]:
+            assert torch.equal(torch.as_tensor(before["state"][i][k]), torch.as_tensor(after["state"][i][k]))
+    assert before["groups"] == after["groups"] and before["modes"] == after["modes"]
+    assert before["tracking"] == after["tracking"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"]) and before["python_rng"] == after["python_rng"]
+
+
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_probes_change_nothing_and_repeat_exactly(noise, eval_mode):
+    model, loss_fn, batch = small_problem("vgg", "batchnorm", noise=noise)
+    set_noise_step(model, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(2):  # running statistics, momentum buffers and .grad all hold something
+        optimizer.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+    if eval_mode:
+        model.eval()
+    torch.manual_seed(11)
+    before = snapshot(model, optimizer)
+    ics = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    land = probe_landscape(model, loss_fn, batch, [0.05, 0.1, 0.2, 0.4])
+    land_random = probe_landscape(model, loss_fn, batch, [0.1], direction=[torch.ones_like(p) for p in model.parameters()])
+    assert_same(before, snapshot(model, optimizer))
+    assert measure_ics(model, loss_fn, batch, optimizer, model.layer_params()) == ics
+    assert probe_landscape(model, loss_fn, batch, [0.05, 0.1, 0.2, 0.4]) == land
+    assert probe_landscape(model, loss_fn, batch, [0.1], direction=[torch.ones_like(p) for p in model.parameters()]) == land_random
+    assert all(np.isfinite(r["l2"]) and r["l2"] >= 0 for r in ics)
+
+
+def test_probes_use_batch_statistics_whatever_the_models_mode():
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    for _ in range(3):
+        model(batch[0])  # running statistics drift away from the batch's
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_mode = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    land_train = probe_landscape(model, loss_fn, batch, [0.1])
+    model.eval()
+    assert measure_ics(model, loss_fn, batch, optimizer, model.layer_params()) == train_mode
+    assert probe_landscape(model, loss_fn, batch, [0.1]) == land_train
+    assert not model.training
+
+
+def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
+    """A model drawing from torch's global generator (dropout) still gets l2 = 0 when the prefix does not
+    move: the probe rewinds the random state before each pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3))
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    layers = [list(model[0].parameters()), list(model[3].parameters())]
+    optimizer = torch.optim.SGD([{"params": layers[0], "lr": 0.0}, {"params": layers[1], "lr": 0.1}])
+    (result,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[1])
+    assert result["l2"] == 0.0
+    land = probe_landscape(model, loss_fn, batch, [1e-12])
+    assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]  # same dropout mask at w and at w - tiny step
+
+
+def test_grad_fields_give_the_same_answer_as_computing_the_gradient():
+    model, loss_fn, batch = small_problem("vgg", "batchnorm", noise=True)
+    set_noise_step(model, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()  # a training step's backward, running statistics and all
+    computed = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    from_grads = measure_ics(model, loss_fn, batch, optimizer, model.layer_params(), use_grad_fields=True)
+    assert computed == from_grads
+    assert probe_landscape(model, loss_fn, batch, [0.1, 0.2]) == probe_landscape(
+        model, loss_fn, batch, [0.1, 0.2], use_grad_fields=True)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="no .grad"):
+        probe_landscape(model, loss_fn, batch, [0.1], use_grad_fields=True)

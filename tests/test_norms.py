@@ -1,0 +1,210 @@
+"""Each normalisation variant against its definition (protocol section 4), on hand-made tensors."""
+
+import math
+
+import pytest
+import torch
+
+from bnopt.norms import BatchNorm, LpNorm, NoiseSpec, NoisyNorm, NoNorm, norm_factory, normalises, set_noise_step
+
+
+def per_unit(a: torch.Tensor) -> torch.Tensor:
+    """(N, C) or (N, C, H, W) -> (C, samples per unit): the values each unit is normalised over."""
+    return a.transpose(0, 1).reshape(a.shape[1], -1)
+
+
+def broadcast(stat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return stat.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+SHAPES = [(16, 3), (8, 3, 5, 4)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batchnorm_train_and_eval_follow_the_definition(shape):
+    torch.manual_seed(0)
+    a = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    bn = BatchNorm(3, eps=1e-5, momentum=0.1).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, -1.0]))
+        bn.bias.copy_(torch.tensor([0.0, 0.5, 1.0]))
+    values = per_unit(a)
+    mean, var = values.mean(1), values.var(1, unbiased=False)
+    expected = (a - broadcast(mean, a)) / torch.sqrt(broadcast(var, a) + 1e-5)
+    expected = expected * broadcast(bn.weight.detach(), a) + broadcast(bn.bias.detach(), a)
+    torch.testing.assert_close(bn(a), expected)
+    assert bn.running_mean.shape == (3,)
+    torch.testing.assert_close(bn.running_mean, 0.1 * mean)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * values.var(1, unbiased=True))
+    bn.eval()
+    eval_expected = (a - broadcast(bn.running_mean, a)) / torch.sqrt(broadcast(bn.running_var, a) + 1e-5)
+    eval_expected = eval_expected * broadcast(bn.weight.detach(), a) + broadcast(bn.bias.detach(), a)
+    torch.testing.assert_close(bn(a), eval_expected)
+
+
+def test_batchnorm_rejects_other_ranks():
+    with pytest.raises(ValueError, match="expects"):
+        BatchNorm(3)(torch.randn(2, 3, 4))
+
+
+def lp_by_hand(a: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values = per_unit(a)
+    mean = values.mean(1)
+    norm = values.abs().max(1).values if p == math.inf else values.abs().pow(p).mean(1).pow(1 / p)
+    out = (a - broadcast(mean, a)) / (broadcast(norm, a) + eps)
+    return out, mean, norm
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lp_norm_follows_the_definition(p, shape):
+    torch.manual_seed(1)
+    a = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    layer = LpNorm(3, p=p, eps=1e-3, momentum=0.2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, 1.0, -2.0]))
+        layer.bias.copy_(torch.tensor([0.1, 0.0, 3.0]))
+    expected, mean, norm = lp_by_hand(a, p, 1e-3)
+    expected = expected * broadcast(layer.weight.detach(), a) + broadcast(layer.bias.detach(), a)
+    torch.testing.assert_close(layer(a), expected)
+    # running statistics: exponential moving average from (0, 1) with momentum 0.2
+    torch.testing.assert_close(layer.running_mean, 0.2 * mean)
+    torch.testing.assert_close(layer.running_norm, 0.8 + 0.2 * norm)
+    assert int(layer.num_batches_tracked) == 1
+    layer.eval()
+    b = torch.randn(shape, dtype=torch.float64)
+    eval_expected = (b - broadcast(layer.running_mean, b)) / (broadcast(layer.running_norm, b) + 1e-3)
+    eval_expected = eval_expected * broadcast(layer.weight.detach(), b) + broadcast(layer.bias.detach(), b)
+    torch.testing.assert_close(layer(b), eval_expected)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_lp_norm_without_tracking_leaves_running_statistics_alone():
+    layer = LpNorm(3, p=1)
+    layer.track_running_stats = False
+    layer(torch.randn(10, 3) + 5)
+    assert torch.equal(layer.running_mean, torch.zeros(3)) and torch.equal(layer.running_norm, torch.ones(3))
+
+
+def test_lp2_relates_to_batchnorm_as_the_formulas_say():
+    """N_2^2 = var + mean^2, so L2 normalisation divides by sqrt(var + mean^2): it equals BN (up to eps,
+    here negligible) when the batch mean is zero, and otherwise scales BN's output by sqrt(var / (var + mean^2))."""
+    torch.manual_seed(2)
+    a = torch.randn(64, 4, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    a = a + torch.tensor([0.0, 1.0, -2.0, 0.5], dtype=torch.float64)
+    values = per_unit(a)
+    mean, var = values.mean(1), values.var(1, unbiased=False)
+    eps = 1e-12  # torch's BN refuses eps = 0
+    lp2, bn = LpNorm(4, p=2, eps=eps).double(), BatchNorm(4, eps=eps).double()
+    _, norm = lp2.batch_statistics(a)
+    torch.testing.assert_close(norm.pow(2), var + mean.pow(2))
+    torch.testing.assert_close(lp2(a), bn(a) * broadcast(torch.sqrt(var / (var + mean.pow(2))), a))
+    centred = a - mean
+    torch.testing.assert_close(LpNorm(4, p=2, eps=eps).double()(centred), BatchNorm(4, eps=eps).double()(centred))
+
+
+def test_lp_norm_rejects_other_orders():
+    with pytest.raises(ValueError, match="p must be"):
+        LpNorm(3, p=3)
+    with pytest.raises(ValueError, match="p in"):
+        norm_factory("lp", p=0.5)
+
+
+def noise_of(layer: NoisyNorm, shape, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, m) as seen through the layer itself: out(0) = m, out(1) - out(0) = s (same step, same noise)."""
+    layer.step = step
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    m = layer(zeros)
+    s = layer(zeros + 1) - m
+    return s, m
+
+
+def test_noise_moments_over_many_draws_match_algorithm_1():
+    spec = NoiseSpec(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.1)
+    layer = NoisyNorm(NoNorm(4), spec, seed=3, layer_key=0)
+    mus, sigmas = [], []
+    for step in range(400):
+        s, m = noise_of(layer, (256, 4), step)
+        mu_j, sigma_j = m.mean(0), s.mean(0)  # per-unit centres, up to the per-element spread
+        mus.append(mu_j)
+        sigmas.append(sigma_j)
+        # per element: m_ij in [mu_j - r_mu, mu_j + r_mu] around the unit's centre
+        assert (m - mu_j).abs().max() <= 0.1 + 0.02
+    mus, sigmas = torch.stack(mus), torch.stack(sigmas)
+    # mu_j ~ U(-0.5, 0.5): mean 0, variance 1/12; sigma_j ~ U(1, 1.25): mean 1.125, variance 0.0625/12
+    assert mus.abs().max() <= 0.5 + 0.02
+    assert abs(mus.mean()) < 0.03 and abs(mus.var() - 1 / 12) < 0.01
+    assert sigmas.min() >= 1 - 0.02 and sigmas.max() <= 1.25 + 0.02
+    assert abs(sigmas.mean() - 1.125) < 0.01 and abs(sigmas.var() - 0.0625 / 12) < 0.001
+    # per element: m_ij - mu_j ~ U(-0.1, 0.1) (variance 0.01/3) and s_ij - sigma_j ~ N(0, 0.1^2)
+    s, m = noise_of(layer, (20000, 4), 999)
+    within_m, within_s = m - m.mean(0), s - s.mean(0)
+    assert abs(within_m.var() - 0.01 / 3) < 2e-4
+    assert abs(within_s.var() - 0.01) < 4e-4
+    assert abs(((within_s / 0.1) ** 4).mean() - 3) < 0.15  # Gaussian kurtosis, not uniform's 1.8
+
+
+def test_noise_is_per_unit_and_per_element_on_conv_activations():
+    layer = NoisyNorm(NoNorm(3), NoiseSpec(), seed=0, layer_key=0)
+    s, m = noise_of(layer, (64, 3, 6, 6), 0)
+    unit_centres = m.mean(dim=(0, 2, 3))
+    assert len(set(unit_centres.tolist())) == 3  # one mu per channel
+    assert (m - broadcast(unit_centres, m)).abs().max() <= 0.1 + 0.02  # elements spread around it
+    assert s.std(dim=(0, 2, 3)).min() > 0.05  # s varies per element
+
+
+def test_noise_is_a_function_of_seed_layer_and_step_only():
+    spec = NoiseSpec()
+    a = NoisyNorm(NoNorm(4), spec, seed=7, layer_key=2)
+    b = NoisyNorm(NoNorm(4), spec, seed=7, layer_key=2)
+    torch.manual_seed(0)
+    first = noise_of(a, (8, 4), 5)
+    torch.manual_seed(123)  # the global random state plays no part
+    assert all(torch.equal(x, y) for x, y in zip(first, noise_of(b, (8, 4), 5)))
+    assert not torch.equal(first[1], noise_of(a, (8, 4), 6)[1])
+    other_layer = NoisyNorm(NoNorm(4), spec, seed=7, layer_key=3)
+    assert not torch.equal(first[1], noise_of(other_layer, (8, 4), 5)[1])
+    other_seed = NoisyNorm(NoNorm(4), spec, seed=8, layer_key=2)
+    assert not torch.equal(first[1], noise_of(other_seed, (8, 4), 5)[1])
+
+
+def test_noisy_batchnorm_is_batchnorm_then_noise_and_eval_has_no_noise():
+    torch.manual_seed(4)
+    a = torch.randn(32, 3, dtype=torch.float64) * 2 + 1
+    noisy = norm_factory("batchnorm", noise=NoiseSpec(), seed=1)(3).double()
+    reference = BatchNorm(3).double()
+    s, m = noise_of(NoisyNorm(NoNorm(3), NoiseSpec(), seed=1, layer_key=0), (32, 3), step=4)
+    noisy.step = 4
+    torch.testing.assert_close(noisy(a), s * reference(a) + m)
+    noisy.eval()
+    reference.eval()
+    torch.testing.assert_close(noisy(a), reference(a))
+
+
+def test_factory_makes_each_variant_with_one_signature():
+    for kind, p, expected in [("none", None, NoNorm), ("batchnorm", None, BatchNorm), ("lp", 1, LpNorm)]:
+        make = norm_factory(kind, p=p)
+        for shape in SHAPES:
+            layer = make(3)
+            assert isinstance(layer, expected)
+            assert layer(torch.randn(shape)).shape == shape
+    assert not normalises(norm_factory("none")(3))
+    assert not normalises(norm_factory("none", noise=NoiseSpec())(3))
+    assert normalises(norm_factory("batchnorm", noise=NoiseSpec())(3))
+    with pytest.raises(ValueError, match="unknown norm"):
+        norm_factory("groupnorm")
+
+
+def test_factory_keys_noise_by_layer_order_and_set_noise_step_reaches_every_layer():
+    make = norm_factory("batchnorm", noise=NoiseSpec(), seed=0)
+    layers = torch.nn.Sequential(make(3), make(3), make(3))
+    assert [layer.layer_key for layer in layers] == [0, 1, 2]
+    set_noise_step(layers, 17)
+    assert all(layer.step == 17 for layer in layers)
+
+
+def test_noise_constants_are_checked():
+    with pytest.raises(ValueError):
+        NoiseSpec(n_sigma=0.5)
+    with pytest.raises(ValueError):
+        NoiseSpec(r_mu=-1)

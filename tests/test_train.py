@@ -1,0 +1,143 @@
+"""End-to-end runs at scale=smoke: the results contract, repeatability, probes as observations,
+divergence as a result, the experiments' overrides, and the real loaders through the whole loop."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from bnopt.norms import BatchNorm, NoisyNorm
+from conftest import compose_config, read_rows, train_run
+
+
+def test_dln_run_writes_the_results_contract(tmp_path):
+    summary = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv", "summary.json"]
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,name,value,layer,eta"
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    train_loss = metrics[metrics.name == "train/loss"]
+    assert train_loss.step.tolist() == [0, 5, 10, 15, 20, 25]
+    assert train_loss.layer.isna().all() and train_loss.eta.isna().all()
+    assert train_loss.value.iloc[-1] < train_loss.value.iloc[0]  # the loss falls
+    assert "train/acc" not in set(metrics.name) and "test/loss" not in set(metrics.name)  # regression: loss only
+    ics = metrics[metrics.name == "ics/l2"]
+    assert ics.step.unique().tolist() == [0, 10, 20] and sorted(ics.layer.unique()) == [9, 17]
+    land = metrics[metrics.name == "landscape/loss"]
+    assert sorted(land.eta.unique()) == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5, 3e-5])
+    assert set(metrics[metrics.name.str.startswith("landscape/b")].name) == {"landscape/beta"}
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == summary["status"] == "completed" and on_disk["steps"] == 30
+    for key in ("final", "wall_time_s", "steps_per_s", "device", "torch", "git_commit"):
+        assert key in on_disk
+    assert on_disk["final"]["train/loss"] == train_loss.value.iloc[-1]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 1e-6 and config["train"]["batch_size"] == 1000 and "${" not in (tmp_path / "config.yaml").read_text()
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 30 and "model" in checkpoint and "optimizer" in checkpoint
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, cifar_root):
+    args = ("+experiment=noisy_bn", "scale=smoke", f"data.root={cifar_root}", "data.download=false")
+    train_run(tmp_path / "a", *args)
+    train_run(tmp_path / "b", *args)
+    train_run(tmp_path / "c", *args, "seed=1")
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    assert read_rows(tmp_path / "a") != read_rows(tmp_path / "c")
+
+
+ALL_PROBES = "probes=[ics,landscape,activations]"
+
+
+@pytest.mark.parametrize("args", [
+    ("model=vgg", "data=cifar10", "norm=noisy_batchnorm", "model.paper.ics_layers=[1,5,14]",
+     "model.paper.activation_layers=[2,9,13]"),
+    ("model=vgg", "data=cifar10", "norm=batchnorm", "optim.momentum=0.9", "optim.weight_decay=5e-4", "data.augment=true"),
+    ("model=mlp", "data=mnist", "norm=lpinf"),
+    ("+experiment=dln_bn", "model.paper.ics_layers=[1,9,17,25]"),
+], ids=["vgg-noisy-bn", "vgg-bn-momentum-augment", "mlp-linf", "dln-bn"])
+def test_probes_leave_the_training_trajectory_unchanged(tmp_path, cifar_root, mnist_root, args):
+    root = mnist_root if "data=mnist" in args else cifar_root
+    common = ("scale=smoke",) if "dln" in args[0] else ("scale=smoke", f"data.root={root}", "data.download=false")
+    train_run(tmp_path / "off", *args, *common, "probes=none")
+    train_run(tmp_path / "on", *args, *common, ALL_PROBES)
+    measured = pd.read_csv(tmp_path / "on/metrics.csv")
+    assert {"ics/l2", "ics/cos", "landscape/loss", "landscape/beta", "act/q50", "act/var"} <= set(measured.name)
+    assert read_rows(tmp_path / "on") == read_rows(tmp_path / "off")
+    off = torch.load(tmp_path / "off/checkpoint.pt", weights_only=True)
+    on = torch.load(tmp_path / "on/checkpoint.pt", weights_only=True)
+    assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])  # running statistics too
+    assert (tmp_path / "on/activations.npz").exists()
+
+
+def test_experiment_overrides_keep_the_experiments_other_settings(tmp_path, cifar_root):
+    cfg = compose_config("+experiment=noisy_bn", "norm=batchnorm", "optim.lr=0.5")
+    assert cfg.norm.name == "batchnorm" and cfg.norm.noise is None and cfg.optim.lr == 0.5
+    assert cfg.model.name == "vgg" and cfg.model.depth == 16 and cfg.data.name == "cifar10"
+    assert cfg.train.batch_size == 128 and cfg.train.steps == 15000 and cfg.name == "noisy_bn"
+    assert list(cfg.probes) == ["activations"] and list(cfg.probes.activations.layers) == [2, 9, 13]
+    assert compose_config("+experiment=noisy_bn").norm.noise.n_sigma == 1.25
+    # and the run really is BN at lr 0.5
+    train_run(tmp_path, "+experiment=noisy_bn", "norm=batchnorm", "optim.lr=0.5", "scale=smoke",
+              f"data.root={cifar_root}", "data.download=false")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["norm"]["name"] == "batchnorm" and saved["optim"]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("experiment, model, norm, probes", [
+    ("vgg_bn", "vgg", "batchnorm", set()), ("noisy_bn", "vgg", "noisy_batchnorm", {"activations"}),
+    ("lp_vgg", "vgg", "lp1", {"landscape", "activations"}), ("dln_bn", "dln", "batchnorm", {"ics", "landscape"}),
+    ("lp_dln", "dln", "lp1", {"landscape"}), ("mnist_bn", "mlp", "batchnorm", {"activations"}),
+])
+def test_each_starting_experiment_composes_its_paper_settings(experiment, model, norm, probes):
+    cfg = compose_config(f"+experiment={experiment}")
+    assert (cfg.name, cfg.model.name, cfg.norm.name, set(cfg.probes)) == (experiment, model, norm, probes)
+    expected = {"vgg": (0.1, 128, 15000), "dln": (1e-6, 1000, 10000), "mlp": (0.5, 60, 50000)}[model]
+    assert (cfg.optim.lr, cfg.train.batch_size, cfg.train.steps) == expected
+    assert cfg.optim.momentum == 0 and cfg.optim.weight_decay == 0 and cfg.optim.schedule == "constant"
+    assert dict(compose_config(f"+experiment={experiment}", "probes=none").probes or {}) == {}
+
+
+def test_scale_presets_shrink_only_what_they_must():
+    paper, cpu = compose_config("+experiment=vgg_bn"), compose_config("+experiment=vgg_bn", "scale=cpu")
+    assert (paper.model.width, cpu.model.width) == (1.0, 0.125) and cpu.train.steps < paper.train.steps
+    for experiment in ("dln_bn", "mnist_bn"):
+        a, b = compose_config(f"+experiment={experiment}"), compose_config(f"+experiment={experiment}", "scale=cpu")
+        assert a.train == b.train and a.model == b.model
+    assert compose_config("+experiment=vgg_bn", "scale=cpu", "train.steps=7").train.steps == 7
+
+
+def test_divergence_is_a_result(tmp_path):
+    summary = train_run(tmp_path, "+experiment=dln_bn", "norm=none", "probes=none", "optim.lr=1.0", "scale=smoke")
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == summary["steps"] < 30
+    assert read_rows(tmp_path)[0].startswith("0,train/loss,")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "diverged"
+
+
+def test_unnormalised_vgg_at_lr_half_diverges_or_is_stuck_but_does_not_crash(tmp_path, cifar_root):
+    summary = train_run(tmp_path, "+experiment=vgg_bn", "norm=none", "optim.lr=0.5", "scale=smoke",
+                        f"data.root={cifar_root}", "data.download=false")
+    assert summary["status"] in ("completed", "diverged")
+
+
+def test_models_are_built_with_the_chosen_norm(tmp_path, mnist_root):
+    from bnopt.build import build_model
+    from bnopt.data import load_data
+
+    cfg = compose_config("+experiment=noisy_bn", "data=fashion_mnist", f"data.root={mnist_root}", "scale=smoke")
+    model = build_model(cfg, load_data(cfg.data, 0))
+    assert all(isinstance(model.layer(k).norm, NoisyNorm) for k in range(1, 14))
+    assert model.layer(1).weight.in_channels == 1  # Fashion-MNIST is 1x28x28
+    cfg = compose_config("+experiment=noisy_bn", "norm=batchnorm", "data=fashion_mnist", f"data.root={mnist_root}")
+    model = build_model(cfg, load_data(cfg.data, 0))
+    assert all(type(model.layer(k).norm) is BatchNorm for k in range(1, 14))
+
+
+def test_mnist_format_run_logs_train_and_test_accuracy(tmp_path, mnist_root):
+    train_run(tmp_path, "+experiment=mnist_bn", "scale=smoke", "data=fashion_mnist", f"data.root={mnist_root}",
+              "data.download=false")
+    names = set(pd.read_csv(tmp_path / "metrics.csv").name)
+    assert {"train/acc", "train/loss", "test/acc", "test/loss", "act/q15", "act/q85"} <= names
