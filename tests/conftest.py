@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from synthetic import write_cifar10, write_mnist
+from bnopt.synthetic import write_cifar10, write_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from bnopt.data import (
     BatchStream, DatasetNotFoundError, gaussian_regression, load_cifar10, load_data, load_mnist_format, read_idx,
 )
-from synthetic import labelled_images, write_cifar10, write_idx, write_mnist
+from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
 
 
 def data_cfg(name, root, **extra):

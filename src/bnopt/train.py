@@ -11,6 +11,7 @@ metrics of a run without them.
 
 from __future__ import annotations
 
+import math
 import platform
 import random
 import signal
@@ -68,7 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start = 0 if checkpoint is None else checkpoint["step"]
     metrics = MetricsWriter(run.metrics, keep_before_step=None if checkpoint is None else start)
     log = metrics.log
-    probes = build_probes(cfg.probes, model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
+    probes = build_probes(resolved["probes"], model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
     if checkpoint is not None:
         restore_state(checkpoint, model, optimizer, schedule, batches, device)
         for probe in probes:
@@ -89,10 +90,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         run.save_checkpoint(checkpoint_state(step, status, resolved, model, optimizer, schedule, batches,
                                              summary["wall_time_s"] + time.perf_counter() - t0))
 
+    # Plain values for the hot loop: reading an interpolated config value parses it every time.
+    log_every, eval_every = cfg.train.log_every, cfg.train.eval_every
+    checkpoint_every, eval_batch_size = cfg.train.checkpoint_every, cfg.train.eval_batch_size
     # Checking the loss for NaN/inf reads it back to the host: every step on the CPU (free), at logging
     # steps on a GPU (no sync per step; a divergence is then reported at the next logging step).
-    check_every = 1 if device.type == "cpu" else cfg.train.log_every
+    check_every = 1 if device.type == "cpu" else log_every
     status, step = "completed", start
+    model.train()  # evaluation switches to eval mode and back
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     try:
@@ -102,21 +107,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 if stop.requested:
                     status = "interrupted"
                     break
-                if step > start and step % cfg.train.checkpoint_every == 0:
+                if step > start and step % checkpoint_every == 0:
                     save_checkpoint(step, "running")
-                if step % cfg.train.eval_every == 0:
-                    evaluate(model, data, cfg.train.eval_batch_size, step, log)
+                if step % eval_every == 0:
+                    evaluate(model, data, eval_batch_size, step, log)
 
                 inputs, targets = batches.next()
                 due = [probe for probe in probes if probe.due(step)]
-                model.train()
                 for layer in noisy_layers:
                     layer.step = step  # noisy BN draws the noise of (seed, layer, step)
                 for probe in due:
                     probe.before_forward(step)  # hook point 1: e.g. arm the activation hooks
                 outputs = model(inputs)
                 loss = data.loss_fn(outputs, targets)
-                if step % check_every == 0 and not torch.isfinite(loss):
+                if step % check_every == 0 and not math.isfinite(loss.item()):
                     status = "diverged"
                     break
 
@@ -128,13 +132,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 if schedule is not None:
                     schedule.step()
 
-                if step % cfg.train.log_every == 0:
+                if step % log_every == 0:
                     log_train(step, loss, outputs, targets, data, log, bar)
                 step += 1
                 bar.update()
             # -------------------------------------------------------------------------------------
         if status == "completed":
-            evaluate(model, data, cfg.train.eval_batch_size, step, log)
+            evaluate(model, data, eval_batch_size, step, log)
         save_checkpoint(step, status)
     except KeyboardInterrupt:
         summary["status"] = "interrupted"  # the last periodic checkpoint stays the resume point

@@ -7,11 +7,11 @@ For layer i, on one batch:
 Reported: ||G - G'||_2 and cos(G, G').
 
 Two ways to compute G', bit-for-bit equal (tested):
-  - any model: one forward pass per layer with the prefix replaced (``functional_call``), and a
+  - any model: one forward pass per layer with the prefix moved to W(t+1), and a
     backward that stops at layer i (``autograd.grad`` w.r.t. layer i's parameters only);
-  - a :class:`~bnopt.models.ChainModel` whose ``layers`` are its blocks: one forward of the updated
-    network stores every block's input (layer i's updated prefix is layer i-1's plus one block), then
-    for each layer only the old-weight suffix from layer i runs forward and back.
+  - a :class:`~bnopt.models.ChainModel` whose ``layers`` are its blocks: the forward of the updated
+    prefix is shared (layer i's prefix is layer i-1's plus one block, run once), and for each layer only
+    the old-weight suffix from layer i runs forward and back.
 Layer 0 has no prefix, so G' = G there by definition and nothing is recomputed.
 """
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    current_gradient, flat_cosine, flat_distance, loss_at, observation, simulate_optimizer_step,
+    current_gradient, flat_cosine, flat_distance, loss_at, observation, parameters_at, simulate_optimizer_step,
 )
 
 
@@ -82,37 +82,29 @@ def _is_chain_of(model: nn.Module, layers: list[list[nn.Parameter]]) -> bool:
 
 
 def _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated) -> dict[int, list]:
-    names = {p: name for name, p in model.named_parameters()}
     shifted = {}
     for i in which:
         if i == 0:
             continue
-        prefix = {names[p]: updated[p] for layer in layers[:i] for p in layer}
-        loss = loss_at(model, loss_fn, batch, obs, prefix)
-        shifted[i] = list(torch.autograd.grad(loss, layers[i], allow_unused=True, materialize_grads=True))
+        with parameters_at({p: updated[p] for layer in layers[:i] for p in layer}):
+            loss = loss_at(model, loss_fn, batch, obs)
+            shifted[i] = list(torch.autograd.grad(loss, layers[i], allow_unused=True, materialize_grads=True))
     return shifted
 
 
 def _shifted_gradients_chain(model: ChainModel, loss_fn, batch, layers, which, updated) -> dict[int, list]:
     inputs, targets = batch
-    needed = [i for i in which if i > 0]
-    if not needed:
-        return {}
-    # One forward of the updated network stores the input of every layer that is measured.
-    block_inputs = {}
-    h = inputs
-    with torch.no_grad():
-        for k in range(max(needed)):
-            block = model.blocks[k]
-            new_values = {name: updated[p] for name, p in block.named_parameters()}
-            h = torch.func.functional_call(block, new_values, (h,))
-            if k + 1 in needed:
-                block_inputs[k + 1] = h
+    needed = {i for i in which if i > 0}
+    blocks = list(model.blocks)
     shifted = {}
-    for i in needed:
-        h = block_inputs.pop(i)  # free each stored input once its suffix has run
-        for block in model.blocks[i:]:
-            h = block(h)
-        shifted[i] = list(torch.autograd.grad(loss_fn(h, targets), layers[i], allow_unused=True,
-                                              materialize_grads=True))
+    h = inputs  # the output of the updated prefix so far: layer i's prefix is layer i-1's plus one block
+    for i in range(1, max(needed, default=0) + 1):
+        with torch.no_grad(), parameters_at({p: updated[p] for p in blocks[i - 1].parameters()}):
+            h = blocks[i - 1](h)
+        if i in needed:
+            out = h
+            for block in blocks[i:]:  # the old-weight suffix, from layer i
+                out = block(out)
+            shifted[i] = list(torch.autograd.grad(loss_fn(out, targets), layers[i], allow_unused=True,
+                                                  materialize_grads=True))
     return shifted

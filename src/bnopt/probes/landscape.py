@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bnopt.norms import NoisyNorm
-from bnopt.probes.observation import current_gradient, flat_distance, flat_norm, loss_at, observation
+from bnopt.probes.observation import current_gradient, flat_norm, loss_at, observation, parameters_at
 
 
 def probe_landscape(
@@ -60,9 +60,17 @@ def probe_landscape(
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, grads_at = evaluate(model, loss_fn, batch, obs, named, d, etas)
     d_norm = flat_norm(d)
-    grad_diff = [flat_distance(g, grad) for grad in grads_at]
+    grad_diff = [_distance(g, grad) for grad in grads_at]
     beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": flat_norm(g)}
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """||a - b||_2 over all tensors. The difference of two float32 gradients is exact or within half an ulp
+    of itself (far below the gradients' own rounding), so it is taken in their dtype; only the per-tensor
+    norms are combined in float64."""
+    norms = torch._foreach_norm(torch._foreach_sub(list(a), list(b)))
+    return float(torch.stack(norms).double().norm())
 
 
 def vmap_pays(model: nn.Module) -> bool:
@@ -72,17 +80,15 @@ def vmap_pays(model: nn.Module) -> bool:
     return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) for m in model.modules())
 
 
-def _moved(named, d, eta: float) -> dict[str, torch.Tensor]:
-    """The parameters at w - eta * d, as fresh leaves whose gradient can be taken."""
-    return {name: (p.detach() - eta * dp).requires_grad_() for (name, p), dp in zip(named, d)}
-
-
 def _evaluate_loop(model, loss_fn, batch, obs, named, d, etas):
+    params = [p for _, p in named]
+    values = [p.detach() for p in params]
     losses, grads = [], []
     for eta in etas:
-        moved = _moved(named, d, eta)
-        loss = loss_at(model, loss_fn, batch, obs, moved)
-        grads.append(torch.autograd.grad(loss, list(moved.values()), allow_unused=True, materialize_grads=True))
+        moved = torch._foreach_sub(values, torch._foreach_mul(d, eta))  # w - eta * d, two roundings as written
+        with parameters_at(dict(zip(params, moved))):
+            loss = loss_at(model, loss_fn, batch, obs)
+            grads.append(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
         losses.append(float(loss.detach()))
     return losses, grads
 

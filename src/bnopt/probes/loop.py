@@ -129,16 +129,17 @@ class ActivationProbe(Probe):
 PROBES = {cls.name: cls for cls in (ICSProbe, LandscapeProbe, ActivationProbe)}
 
 
-def build_probes(cfg, *, model: ChainModel, loss_fn, optimizer, log: Log, seed: int) -> list[Probe]:
-    """The probes selected in ``cfg`` (the ``probes`` node: a mapping name -> settings)."""
+def build_probes(settings: dict | None, *, model: ChainModel, loss_fn, optimizer, log: Log, seed: int) -> list[Probe]:
+    """The probes selected in ``settings`` (the resolved ``probes`` config: name -> settings)."""
     probes: list[Probe] = []
-    for name, pc in (cfg or {}).items():
+    for name, pc in (settings or {}).items():
         if name == "ics":
-            probes.append(ICSProbe(model, loss_fn, optimizer, log, pc.layers, pc.every))
+            probes.append(ICSProbe(model, loss_fn, optimizer, log, pc["layers"], pc["every"]))
         elif name == "landscape":
-            probes.append(LandscapeProbe(model, loss_fn, log, pc.etas, pc.every, pc.direction, seed, pc.batched))
+            probes.append(LandscapeProbe(model, loss_fn, log, pc["etas"], pc["every"], pc["direction"], seed,
+                                         pc["batched"]))
         elif name == "activations":
-            probes.append(ActivationProbe(model, log, pc.layers, pc.every, seed, pc.quantiles, pc.bins))
+            probes.append(ActivationProbe(model, log, pc["layers"], pc["every"], seed, pc["quantiles"], pc["bins"]))
         else:
             raise ValueError(f"unknown probe {name!r}; known: {sorted(PROBES)}")
     return probes

@@ -39,19 +39,23 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def observation(model: nn.Module) -> Iterator[Observation]:
-    modes = {m: m.training for m in model.modules()}
-    tracking = {m: m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")}
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    tracking = {m: m.track_running_stats for m in modules if hasattr(m, "track_running_stats")}
+    # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
+    # buffers are saved and put back, whatever it does with them.
+    buffers = [(b, b.detach().clone()) for m in modules if m not in tracking for b in m.buffers(recurse=False)]
     devices = _cuda_devices(model)
     with torch.random.fork_rng(devices=devices):
         try:
-            model.train()
+            for m in modules:
+                m.training = True
             for m in tracking:
                 m.track_running_stats = False
             with torch.enable_grad():
                 yield Observation(devices)
         finally:
-            for m, mode in modes.items():
+            for m, mode in zip(modules, modes):
                 m.training = mode
             for m, flag in tracking.items():
                 m.track_running_stats = flag
@@ -60,12 +64,30 @@ def observation(model: nn.Module) -> Iterator[Observation]:
                     buffer.copy_(saved)
 
 
-def loss_at(model: nn.Module, loss_fn, batch, obs: Observation, params: dict | None = None) -> torch.Tensor:
-    """The training loss on ``batch``, optionally with some parameters replaced (by name)."""
+@contextlib.contextmanager
+def parameters_at(values: dict[nn.Parameter, torch.Tensor]) -> Iterator[None]:
+    """Point parameters at other values for the duration of the block, and back on exit.
+
+    No copy is made: each parameter's ``.data`` is swapped, so the model computes exactly as it would
+    with those values loaded, gradients w.r.t. the parameters are gradients at those values, and the
+    original tensors (which the optimiser holds) are untouched. Much cheaper than ``functional_call``
+    for small models, where re-parametrising every parameter dominates a forward pass.
+    """
+    saved = [(p, p.data) for p in values]
+    try:
+        for p, value in values.items():
+            p.data = value
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
+def loss_at(model: nn.Module, loss_fn, batch, obs: Observation) -> torch.Tensor:
+    """The training loss on ``batch`` (with the random state rewound, as for every pass)."""
     inputs, targets = batch
     obs.replay()
-    out = model(inputs) if not params else torch.func.functional_call(model, params, (inputs,), strict=False)
-    return loss_fn(out, targets)
+    return loss_fn(model(inputs), targets)
 
 
 def current_gradient(model, loss_fn, batch, obs: Observation, params: Sequence[nn.Parameter],
@@ -126,7 +148,7 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
 
 def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """The concatenation of ``tensors`` as one float64 vector."""
-    return torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
 
 
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:

@@ -1,5 +1,6 @@
-"""Small synthetic data sets written in the published on-disk formats, so tests exercise the real
-loaders offline: CIFAR-10's pickled python batches and MNIST's IDX files (gzipped or not)."""
+"""Synthetic data sets written in the published on-disk formats — CIFAR-10's pickled python batches and
+MNIST's IDX files (gzipped or not) — so that tests and benchmarks exercise the real loaders offline.
+Never used by a training run unless its ``data.root`` points at them on purpose."""
 
 from __future__ import annotations
 

@@ -1,0 +1,277 @@
+"""Speed of the training loop and cost of each probe, as the README reports them.
+
+    python scripts/benchmark.py                 # CPU, all sections (about 10 minutes on 2 cores)
+    python scripts/benchmark.py --device cuda   # on a GPU (VGG-16 at full width)
+    python scripts/benchmark.py --only probes --models dln_bn vgg11
+
+Costs are multiples of one bare training step (forward + backward + SGD step) of the same model and batch.
+Each ratio is the median over rounds that time a step, the measured thing and another step back to back,
+because absolute times drift on shared machines (here by up to 2x) while ratios taken together do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bnopt import models  # noqa: E402
+from bnopt.data import sum_squared_loss  # noqa: E402
+from bnopt.norms import norm_factory  # noqa: E402
+from bnopt.probes import ActivationRecorder, measure_ics, probe_landscape  # noqa: E402
+
+
+@dataclass
+class Setting:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable
+    lr: float
+    etas: list[float]
+    activation_layers: list[int]
+    overrides: list[str]  # the same model for `train.py`
+
+
+def image_batch(n, c, size):
+    return lambda device: (torch.randn(n, c, size, size, device=device), torch.randint(0, 10, (n,), device=device))
+
+
+def settings(device: torch.device) -> dict[str, Setting]:
+    vgg_width = 1.0 if device.type == "cuda" else 0.125
+    dln_loss = sum_squared_loss(0.5)
+    vgg_etas = [0.05, 0.1, 0.2, 0.4]
+    return {
+        "mlp_bn": Setting("MLP 784-100x3-10, BN, batch 60", lambda: models.mlp(norm_factory("batchnorm")),
+                          lambda d: (torch.randn(60, 1, 28, 28, device=d), torch.randint(0, 10, (60,), device=d)),
+                          nn.functional.cross_entropy, 0.5, [0.25, 0.5, 1.0, 2.0], [3],
+                          ["model=mlp", "data=fashion_mnist", "norm=batchnorm"]),
+        "dln_none": Setting("DLN 25x(10x10), no norm, full batch 1000", lambda: models.dln(norm_factory("none")),
+                            lambda d: (torch.randn(1000, 10, device=d), torch.randn(1000, 10, device=d)),
+                            dln_loss, 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 3e-5], [1, 11, 24],
+                            ["+experiment=dln_bn", "norm=none", "probes=none"]),
+        "dln_bn": Setting("DLN 25x(10x10), BN, full batch 1000", lambda: models.dln(norm_factory("batchnorm")),
+                          lambda d: (torch.randn(1000, 10, device=d), torch.randn(1000, 10, device=d)),
+                          dln_loss, 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 3e-5], [1, 11, 24],
+                          ["+experiment=dln_bn", "probes=none"]),
+        "vgg11": Setting(f"VGG-11 width {vgg_width:g}, BN, batch 128, 32x32",
+                         lambda: models.vgg(norm_factory("batchnorm"), depth=11, width=vgg_width),
+                         image_batch(128, 3, 32), nn.functional.cross_entropy, 0.1, vgg_etas, [2, 3, 8],
+                         ["+experiment=vgg_bn", "model.depth=11", f"model.width={vgg_width}"]),
+        "vgg16": Setting(f"VGG-16 width {vgg_width:g}, BN, batch 128, 32x32",
+                         lambda: models.vgg(norm_factory("batchnorm"), depth=16, width=vgg_width),
+                         image_batch(128, 3, 32), nn.functional.cross_entropy, 0.1, vgg_etas, [2, 3, 9, 11, 13],
+                         ["+experiment=vgg_bn", f"model.width={vgg_width}"]),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device) -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def ratio(measured: Callable, step: Callable, device: torch.device, rounds: int) -> float:
+    """Median over rounds of (time of ``measured``) / (mean time of the steps just before and after it):
+    each call is compared with steps taken in the same state of caches and allocator."""
+    measured(), step()  # warm up
+    ratios = []
+    for _ in range(rounds):
+        before = timed(step, device)
+        cost = timed(measured, device)
+        after = timed(step, device)
+        ratios.append(2 * cost / (before + after))
+    return statistics.median(ratios)
+
+
+def naive_ics(model, loss_fn, batch, optimizer, layers):
+    """The naive scheme the issue compares against: one full forward and backward per layer."""
+    params = [p for layer in layers for p in layer]
+    names = {p: n for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(loss_fn(model(batch[0]), batch[1]), params)
+    updated = {p: p.detach() - optimizer.param_groups[0]["lr"] * g for p, g in zip(params, grads)}
+    for i in range(len(layers)):
+        prefix = {names[p]: updated[p] for layer in layers[:i] for p in layer}
+        out = torch.func.functional_call(model, prefix, (batch[0],), strict=False)
+        torch.autograd.grad(loss_fn(out, batch[1]), params, allow_unused=True)
+
+
+class Hidden(nn.Module):
+    """Hides a ChainModel's structure, so that measure_ics takes its general path."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def probe_costs(s: Setting, device: torch.device, rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = s.build().to(device)
+    batch = s.batch(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        s.loss_fn(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+
+    step()  # leaves .grad of this batch, as between backward and step in the loop
+    layers = model.layer_params()
+    out = {"step_ms": 1e3 * statistics.median(timed(step, device) for _ in range(10))}
+    out["ics_all_layers"] = ratio(lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers,
+                                                      use_grad_fields=True), step, device, rounds)
+    out["ics_all_layers_computing_G"] = ratio(lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers),
+                                              step, device, rounds)
+    out["ics_general_path"] = ratio(lambda: measure_ics(Hidden(model), s.loss_fn, batch, optimizer, layers,
+                                                        use_grad_fields=True), step, device, max(3, rounds // 3))
+    out["ics_naive"] = ratio(lambda: naive_ics(model, s.loss_fn, batch, optimizer, layers), step, device,
+                             max(3, rounds // 3))
+    out["landscape_etas"] = len(s.etas)
+    for batched in (False, True):
+        key = "landscape_vmap" if batched else "landscape_loop"
+        out[key] = ratio(lambda: probe_landscape(model, s.loss_fn, batch, s.etas, use_grad_fields=True,
+                                                 batched=batched), step, device, rounds)
+    recorder = ActivationRecorder(model, s.activation_layers, seed=0, quantiles=[0.15, 0.5, 0.85], bins=50,
+                                  log=lambda *a, **k: None)
+
+    def step_recorded():
+        recorder.arm(0)
+        step()
+
+    out["activations_extra"] = ratio(step_recorded, step, device, rounds) - 1
+    recorder.remove()
+    return out
+
+
+def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> dict[str, float]:
+    """Our loop (``bnopt.train.train``, log_every=100, no probes) against a bare loop: marginal seconds
+    per step between runs of ``steps`` and ``2 * steps``, which cancels start-up, loading and the
+    evaluations at the first and last step."""
+    from hydra import compose, initialize_config_dir
+
+    from bnopt.synthetic import write_cifar10, write_mnist
+    from bnopt.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_mnist(tmp / "mnist", n_train=6000, n_test=500)
+        write_cifar10(tmp / "cifar", per_batch=1000, n_test=500)
+        root = tmp / ("mnist" if "mlp" in s.overrides[0] else "cifar")
+        configs = Path(__file__).resolve().parents[1] / "configs"
+
+        def ours(n: int, run: int) -> float:
+            with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+                files = [] if "dln" in s.overrides[0] else [f"data.root={root}", "data.download=false"]
+                cfg = compose("train", overrides=[*s.overrides, *files, f"train.steps={n}", "train.log_every=100",
+                                                  f"train.eval_every={10 * n}", f"train.checkpoint_every={10 * n}",
+                                                  f"device={device}"])
+            t0 = time.perf_counter()
+            train(cfg, tmp / f"run{n}-{run}")
+            return time.perf_counter() - t0
+
+        def bare(n: int) -> float:
+            torch.manual_seed(0)
+            model = s.build().to(device)
+            batch = s.batch(device)
+            optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
+
+            def run():
+                for _ in range(n):
+                    optimizer.zero_grad(set_to_none=True)
+                    s.loss_fn(model(batch[0]), batch[1]).backward()
+                    optimizer.step()
+
+            return timed(run, device)
+
+        ratios, ours_per_step, bare_per_step = [], [], []
+        for r in range(rounds):
+            before = bare(steps)
+            our_step = (ours(2 * steps, r) - ours(steps, r)) / steps
+            bare_step = (before + bare(steps)) / (2 * steps)
+            ratios.append(our_step / bare_step)
+            ours_per_step.append(our_step)
+            bare_per_step.append(bare_step)
+        return {"bare_step_ms": 1e3 * statistics.median(bare_per_step), "our_step_ms": 1e3 * statistics.median(ours_per_step),
+                "our_loop_vs_bare": statistics.median(ratios)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"])
+    parser.add_argument("--only", choices=["probes", "loop"], default=None)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    table = settings(device)
+    results = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "device": str(device),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+    if device.type == "cuda":
+        results["device_name"] = torch.cuda.get_device_name(device)
+    for key in args.models:
+        s = table[key]
+        entry = results["models"][key] = {"setting": s.name}
+        if args.only != "loop":
+            entry.update(probe_costs(s, device, args.rounds))
+        if args.only != "probes" and key in ("mlp_bn", "dln_bn", "vgg16"):
+            steps = {"mlp_bn": 3000, "dln_bn": 600, "vgg16": 60 if device.type == "cpu" else 600}[key]
+            entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2)))
+        print(json.dumps({key: entry}, indent=1), flush=True)
+    print(markdown(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+COLUMNS = [
+    ("step_ms", "step (ms)", "{:.2f}"),
+    ("ics_all_layers", "ICS, all layers", "{:.2f}"),
+    ("ics_all_layers_computing_G", "ICS, all layers, computing G", "{:.2f}"),
+    ("ics_general_path", "ICS, general path", "{:.2f}"),
+    ("ics_naive", "ICS, naive", "{:.2f}"),
+    ("landscape_etas", "E (etas)", "{}"),
+    ("landscape_loop", "landscape, loop", "{:.2f}"),
+    ("landscape_vmap", "landscape, vmap", "{:.2f}"),
+    ("activations_extra", "activations (extra)", "{:+.3f}"),
+    ("our_loop_vs_bare", "our loop / bare loop", "{:.3f}"),
+]
+
+
+def markdown(results: dict) -> str:
+    lines = [f"device {results['device']} ({results.get('device_name', results['machine'])}), "
+             f"{results['threads']} threads, torch {results['torch']}", "",
+             "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for entry in results["models"].values():
+        cells = ["" if entry.get(key) is None else fmt.format(entry[key]) for key, _, fmt in COLUMNS]
+        lines.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
