@@ -221,7 +221,7 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[floa
         g2 = gradients(shifted)[i]
         a = torch.cat([t.flatten() for t in g[i]]).double()
         b = torch.cat([t.flatten() for t in g2]).double()
-        out.append((float((a - b).norm()), float(a @ b / (a.norm() * b.norm()))))
+        out.append((float((a - b).norm()), min(1.0, max(-1.0, float(a @ b / (a.norm() * b.norm()))))))
     return out
 
 

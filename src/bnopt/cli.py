@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError
 from bnopt.rundir import OutputDirError, RunDirectory
+from bnopt.sweeps import job_threads, limit_threads
 from bnopt.train import ResumeError, train
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, ResumeError, OutputDirError)
@@ -28,6 +29,9 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    threads = job_threads(cfg.get("threads"), hydra_cfg.launcher if in_sweep else None)
+    if threads:
+        limit_threads(threads)
     try:
         return train(cfg, run_dir)
     except USER_ERRORS as err:

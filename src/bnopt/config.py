@@ -93,6 +93,8 @@ def require(cfg: DictConfig, key: str, check: Callable[[Any], bool], allowed: st
 
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs only the config."""
+    require(cfg, "name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
+            "a non-empty label without '/' (it names the run directory)")
     require(cfg, "seed", non_negative_int, "a non-negative integer")
     require(cfg, "device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
                                                              (v.startswith("cuda:") and v[5:].isdigit())),
@@ -126,6 +128,9 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "data.augment", one_of(True, False), "true or false")
         require(cfg, "data.max_train_samples", optional(positive_int), "null (all) or a positive integer")
         require(cfg, "data.max_test_samples", optional(positive_int), "null (all) or a positive integer")
+        require(cfg, "data.num_classes", positive_int, "a positive number of classes")
+        require(cfg, "data.search_paths", optional(list_of(lambda v: isinstance(v, str), non_empty=False)),
+                "a list of directories")
         if model == "dln":
             raise ConfigError("data.name", data, "the deep linear network trains on gaussian_regression data")
 
@@ -157,6 +162,10 @@ def check_config(cfg: DictConfig) -> None:
     require(cfg, "train.batch_size", positive_int, "a positive integer")
     for key in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
         require(cfg, f"train.{key}", positive_int, "a positive integer")
+    for key in ("channels_last", "compile", "tf32"):
+        require(cfg, f"train.{key}", one_of(True, False), "true or false")
+    if _get(cfg, "train.channels_last") and model != "vgg":
+        raise ConfigError("train.channels_last", True, "only for conv networks (model=vgg)")
 
     probes = _get(cfg, "probes") or {}
     for name in probes:
@@ -174,6 +183,9 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "probes.landscape.direction", one_of("gradient", "random"), "gradient or random")
         require(cfg, "probes.landscape.batched", one_of("auto", True, False), "auto, true or false")
     if "activations" in probes:
+        if _get(cfg, "train.compile"):
+            raise ConfigError("train.compile", True, "not with the activations probe, whose hooks need the "
+                              "eager forward pass: drop one of them")
         require(cfg, "probes.activations.layers", list_of(positive_int), "a non-empty list of layer numbers (1-based)")
         require(cfg, "probes.activations.quantiles", list_of(lambda q: _is_number(q) and 0 <= q <= 1),
                 "a non-empty list of quantiles in [0, 1]")

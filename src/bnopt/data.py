@@ -236,11 +236,11 @@ class BatchStream:
     (``state_dict``)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 augment: bool = False, crop_padding: int = 4):
+                 augment: bool = False, crop_padding: int = 4, channels_last: bool = False):
         if not 1 <= batch_size <= len(x):
             raise ValueError(f"batch size {batch_size} must be between 1 and the data set size {len(x)}")
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.augment, self.crop_padding = augment, crop_padding
+        self.augment, self.crop_padding, self.channels_last = augment, crop_padding, channels_last
         # Shuffling draws once per epoch on the CPU; augmentation per batch on the data's device, so
         # that a GPU run makes no host round-trip per step.
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -264,6 +264,8 @@ class BatchStream:
             x, y = self.x.index_select(0, index), self.y.index_select(0, index)  # 3-4x faster than x[index]
         if self.augment:
             x = self.crop_and_flip(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
     def crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
+# Keys that label or schedule a run without changing what it computes: a checkpoint written under another
+# name or thread count is the same run (two figures' sweeps reach the same run under different names).
+NOT_IDENTITY = ("name", "threads")
 
 
 class ResumeError(RuntimeError):
@@ -59,13 +62,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     seed_everything(cfg.seed)
     data = load_data(cfg.data, cfg.seed).to(device)
     model = build_model(cfg, data).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        torch._dynamo.reset()  # a process compiles only a few models before falling back to eager silently
+    forward = torch.compile(model) if cfg.train.compile else model  # the probes use `model`, eager
     check_against_run(cfg, model.num_layers, len(data.train_x))
     steps = cfg.train.steps
     optimizer, schedule = build_optimizer(cfg.optim, model, steps)
-    batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, augment=cfg.data.get("augment", False))
+    batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed,
+                          augment=cfg.data.get("augment", False), channels_last=cfg.train.channels_last)
     start = 0 if checkpoint is None else checkpoint["step"]
     metrics = MetricsWriter(run.metrics, keep_before_step=None if checkpoint is None else start)
     log = metrics.log
@@ -97,6 +107,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # steps on a GPU (no sync per step; a divergence is then reported at the next logging step).
     check_every = 1 if device.type == "cpu" else log_every
     status, step = "completed", start
+    loop_seconds = None
     model.train()  # evaluation switches to eval mode and back
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=start, unit="step", disable=not sys.stderr.isatty(), dynamic_ncols=True)
@@ -118,7 +129,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     layer.step = step  # noisy BN draws the noise of (seed, layer, step)
                 for probe in due:
                     probe.before_forward(step)  # hook point 1: e.g. arm the activation hooks
-                outputs = model(inputs)
+                outputs = forward(inputs)
                 loss = data.loss_fn(outputs, targets)
                 if step % check_every == 0 and not math.isfinite(loss.item()):
                     status = "diverged"
@@ -137,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 step += 1
                 bar.update()
             # -------------------------------------------------------------------------------------
+        loop_seconds = time.perf_counter() - t0
         if status == "completed":
             evaluate(model, data, eval_batch_size, step, log)
         save_checkpoint(step, status)
@@ -157,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         summary.update(
             steps=step, final=dict(metrics.last), diverged_at_step=step if status == "diverged" else None,
             wall_time_s=summary["wall_time_s"] + elapsed,
-            steps_per_s=(step - start) / elapsed if elapsed > 0 else None, finished=now(),
+            steps_per_s=(step - start) / loop_seconds if loop_seconds else None, finished=now(),
         )
         run.write_summary(summary)
     return summary
@@ -233,8 +245,9 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
         raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {reason}); it is corrupt or "
                           "not a bnopt checkpoint. Move it away to start this run afresh, or choose another "
                           "output directory (hydra.run.dir=...)") from None
-    if state["config"] != resolved:
-        diffs = ", ".join(config_differences(state["config"], resolved)[:5])
+    differences = [d for d in config_differences(state["config"], resolved) if d.split(":")[0] not in NOT_IDENTITY]
+    if differences:
+        diffs = ", ".join(differences[:5])
         raise ResumeError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
                           "overwrite its results. Choose another output directory (hydra.run.dir=...)")
     return state

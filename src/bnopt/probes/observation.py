@@ -1,7 +1,7 @@
 """What every measurement shares: it must observe the run and change nothing.
 
-:func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics
-and no running-statistics updates — and on exit restores every module's mode and flags, every buffer,
+:func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
+no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags, every buffer,
 and the global random-number state (CPU and the model's CUDA device). Inside, :meth:`Observation.replay`
 rewinds the random state before each forward pass, so that every pass of one measurement sees the same
 random draws (dropout masks, or anything else drawn from torch's global generator).
@@ -46,8 +46,11 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     # buffers are saved and put back, whatever it does with them.
     buffers = [(b, b.detach().clone()) for m in modules if m not in tracking for b in m.buffers(recurse=False)]
     devices = _cuda_devices(model)
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     with torch.random.fork_rng(devices=devices):
         try:
+            # measurements in full fp32, whatever the training run allows
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             for m in modules:
                 m.training = True
             for m in tracking:
@@ -55,6 +58,7 @@ def observation(model: nn.Module) -> Iterator[Observation]:
             with torch.enable_grad():
                 yield Observation(devices)
         finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             for m, mode in zip(modules, modes):
                 m.training = mode
             for m, flag in tracking.items():
@@ -162,6 +166,7 @@ def flat_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float
 
 
 def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """cos(concat(a), concat(b)), clipped to [-1, 1] (rounding can overshoot by an ulp)."""
     va, vb = flat(a), flat(b)
     norms = va.norm() * vb.norm()
-    return float(va @ vb / norms) if norms > 0 else float("nan")
+    return min(1.0, max(-1.0, float(va @ vb / norms))) if norms > 0 else float("nan")

@@ -1,0 +1,24 @@
+"""Write (or rewrite) ``index.csv`` for sweep directories and print it.
+
+    python scripts/sweep_index.py results/runs/dln_bn/2026-11-21/12-00-00 [more sweep dirs...]
+
+One row per run directory: job number, overrides, status (completed, diverged, failed, interrupted,
+running, unreadable), steps, final train/test metrics, wall time. A sweep writes it when it ends; this
+rebuilds it for a sweep that was killed or is still running.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bnopt.sweeps import write_index  # noqa: E402
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    for directory in map(Path, sys.argv[1:]):
+        if not directory.is_dir():
+            print(f"{directory}: not a directory", file=sys.stderr)
+            continue
+        print(write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text(), end="")

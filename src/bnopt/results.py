@@ -1,0 +1,190 @@
+"""Reading runs back from disk (the results contract of ``bnopt.rundir``), for figures, sweep indexes and
+reports.
+
+A run directory that cannot be parsed — a missing or broken ``config.yaml``, a ``metrics.csv`` with the
+wrong header or garbage rows — is reported by file name and skipped; a run killed mid-write loses only its
+unfinished last line.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from bnopt.rundir import METRICS_HEADER
+
+Warn = Callable[[str], None]
+
+
+class RunReadError(ValueError):
+    """A run directory whose files cannot be read; the message names the file."""
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """``metrics.csv`` as a DataFrame with columns step, name, value, layer, eta."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RunReadError(f"{path}: cannot be read ({err.strerror})") from None
+    if not text.startswith(METRICS_HEADER + "\n"):
+        raise RunReadError(f"{path}: not a metrics file (the header must be {METRICS_HEADER!r})")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # a run killed mid-write: drop the unfinished last line
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype={"name": str})
+        frame["step"] = pd.to_numeric(frame["step"], errors="raise").astype(np.int64)
+        for column in ("value", "layer", "eta"):
+            frame[column] = pd.to_numeric(frame[column], errors="raise").astype(float)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise RunReadError(f"{path}: malformed rows ({str(err).splitlines()[0]})") from None
+    return frame
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config -> {"optim.lr": 0.1, ...}; lists become tuples (hashable)."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    metrics: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def flat(self) -> dict[str, object]:
+        return flatten(self.config)
+
+    def get(self, key: str, default=None):
+        return self.flat.get(key, default)
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+    def series(self, name: str, layer: int | None = None) -> pd.Series:
+        """One metric over steps (indexed by step), optionally for one layer."""
+        rows = self.metrics[self.metrics.name == name]
+        if layer is not None:
+            rows = rows[rows.layer == layer]
+        return rows.set_index("step")["value"].sort_index()
+
+    def activations(self) -> dict[str, np.ndarray] | None:
+        path = self.path / "activations.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as saved:
+            return {key: saved[key] for key in saved.files}
+
+
+def read_run(directory: Path) -> Run:
+    config_path = directory / "config.yaml"
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except OSError:
+        raise RunReadError(f"{config_path}: missing") from None
+    except yaml.YAMLError as err:
+        raise RunReadError(f"{config_path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise RunReadError(f"{config_path}: not a bnopt run config")
+    metrics = read_metrics(directory / "metrics.csv")
+    try:
+        summary = json.loads((directory / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}  # a run killed before its first summary: its metrics still count
+    return Run(directory, config, metrics, summary)
+
+
+def find_run_dirs(patterns: Iterable[str | Path]) -> list[Path]:
+    """Every directory at or below the given directories or globs that holds a ``metrics.csv`` or a
+    ``config.yaml`` (Hydra's own ``.hydra/`` copies excluded)."""
+    found: set[Path] = set()
+    for pattern in patterns:
+        for root in map(Path, glob.glob(str(pattern), recursive=True)) or []:
+            if not root.is_dir():
+                continue
+            for marker in ("metrics.csv", "config.yaml"):
+                for path in [root / marker, *root.rglob(marker)]:
+                    if path.is_file() and ".hydra" not in path.parts:
+                        found.add(path.parent)
+    return sorted(found)
+
+
+def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
+    runs = []
+    for directory in find_run_dirs(patterns):
+        try:
+            runs.append(read_run(directory))
+        except RunReadError as err:
+            warn(f"skipping {err}")
+    return runs
+
+
+# --- grouping ----------------------------------------------------------------------------------------
+
+# Keys that never distinguish what a run shows: labels, bookkeeping, and everything resolved from them.
+IGNORED = ("name", "threads", "device", "train.eval_batch_size", "train.checkpoint_every")
+
+
+def varying_keys(runs: list[Run], ignore: Iterable[str] = IGNORED) -> list[str]:
+    """The config keys whose values differ among ``runs`` (``seed`` included), sorted."""
+    flats = [r.flat for r in runs]
+    keys = set().union(*flats) if flats else set()
+    ignored = tuple(ignore)
+    return sorted(k for k in keys if not k.startswith(ignored) and len({_key(f.get(k)) for f in flats}) > 1)
+
+
+def _key(value):
+    return "nan" if isinstance(value, float) and math.isnan(value) else value
+
+
+def group_runs(runs: list[Run], by: Iterable[str]) -> dict[tuple, list[Run]]:
+    """Runs grouped by their values of ``by`` (keys left out, e.g. ``seed``, are aggregated over),
+    in the order of the sorted group keys."""
+    by = list(by)
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(_key(run.get(k)) for k in by), []).append(run)
+    return dict(sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))))
+
+
+def select(runs: list[Run], **conditions) -> list[Run]:
+    """Runs whose config matches every ``key=value`` (keys with dots written with "__": optim__lr=0.1);
+    a list or tuple value matches any of its elements; floats match to a relative 1e-9."""
+    def matches(run: Run, key: str, wanted) -> bool:
+        value = run.get(key.replace("__", "."))
+        options = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+        return any(_equal(value, option) for option in options)
+
+    return [r for r in runs if all(matches(r, k, v) for k, v in conditions.items())]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def aggregate(series: list[pd.Series]) -> pd.DataFrame:
+    """Mean, min and max over seeds at the steps all runs share (a diverged run stops contributing
+    where it ended)."""
+    frame = pd.concat(series, axis=1)
+    return pd.DataFrame({"mean": frame.mean(axis=1), "min": frame.min(axis=1), "max": frame.max(axis=1),
+                         "n": frame.count(axis=1)})

@@ -1,0 +1,88 @@
+"""Sweeps: the threads each job may use, and the index a sweep directory gets.
+
+Jobs of a local parallel sweep share the machine's cores. Two 2-thread torch processes on 2 cores were
+measured running 60-500x slower (OpenMP threads spinning against each other), while 1-thread jobs side by
+side scale almost linearly; so each job takes its share of the cores unless ``threads`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+
+FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
+INDEX_COLUMNS = ("job", "dir", "overrides", "status", "steps", *FINAL_METRICS, "wall_time_s", "error")
+
+
+def job_threads(threads: int | None, launcher: DictConfig | None, cores: int | None = None) -> int | None:
+    """Threads for one job: ``threads`` if set; in a joblib sweep the job's share of the cores; in a
+    submitit sweep its ``cpus_per_task``; otherwise None (torch's default)."""
+    if threads:
+        return threads
+    if launcher is None:
+        return None
+    target = str(launcher.get("_target_", ""))
+    cores = cores or os.cpu_count() or 1
+    if target.endswith("JoblibLauncher"):
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 all cores, -2 all but one
+        return max(1, cores // min(parallel, cores))
+    if "submitit" in target and launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    return None
+
+
+def limit_threads(threads: int) -> None:
+    """Limit torch's intra-op threads, and OpenMP/MKL's for anything started from this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+
+
+def _job_info(run_dir: Path) -> tuple[str, str]:
+    try:
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        return str(hydra["job"].get("num", "")), " ".join(hydra["overrides"]["task"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "", ""
+
+
+def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
+    rows = []
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        job, overrides = _job_info(run_dir)
+        if not job and not (run_dir / "summary.json").exists():
+            continue  # not a job of this sweep
+        row = {"job": job, "dir": run_dir.name, "overrides": overrides}
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as err:
+            warn(f"index: {run_dir / 'summary.json'}: {'missing' if isinstance(err, OSError) else 'unreadable'}")
+            row["status"] = "unknown"
+        else:
+            row.update(status=summary.get("status", "unknown"), steps=summary.get("steps", ""),
+                       wall_time_s=summary.get("wall_time_s", ""), error=summary.get("error") or "")
+            row.update({m: summary.get("final", {}).get(m, "") for m in FINAL_METRICS})
+        rows.append(row)
+    return sorted(rows, key=lambda r: (int(r["job"]) if str(r["job"]).isdigit() else 10**9, r["dir"]))
+
+
+def write_index(sweep_dir: Path, warn=print) -> Path:
+    """``<sweep_dir>/index.csv``: one row per run directory in the sweep (job number, overrides, status,
+    steps, final metrics, wall time, error)."""
+    path = sweep_dir / "index.csv"
+    tmp = path.with_name("index.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(index_rows(sweep_dir, warn))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,23 @@
+"""The README's library example runs as printed, on a model this repo has never seen."""
+
+import re
+
+import torch
+
+from conftest import REPO
+
+
+def readme_example() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## The measurements, as a library"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_library_example_runs_on_a_foreign_model(capsys):
+    namespace: dict = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{'layer'")]
+    assert len(rows) == 3 and rows[0] == "{'layer': 0, 'l2': 0.0, 'cos': 1.0}"
+    land = namespace["land"]
+    assert len(land["loss"]) == len(land["grad_diff"]) == 4 and land["beta"] > 0
+    assert isinstance(namespace["model"], torch.nn.Sequential)  # not one of bnopt's models
