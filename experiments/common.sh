@@ -34,5 +34,5 @@ sweep() {
 
 # figure <key>: draw it from everything stored under results/.
 figure() {
-  python "$REPO/scripts/make_figures.py" "$1" --runs "$RESULTS"/*-*/
+  python "$REPO/scripts/make_figures.py" "$1" --runs "$RESULTS"/*-*/ --out "$RESULTS/figures"
 }

@@ -81,7 +81,7 @@ class ActivationRecorder:
     def save(self, path: Path) -> None:
         """Write all histograms so far to ``path`` (npz), atomically."""
         tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(
+        np.savez_compressed(
             tmp,
             step=np.array([r["step"] for r in self.records], dtype=np.int64),
             layer=np.array([r["layer"] for r in self.records], dtype=np.int64),
