@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -18,11 +20,16 @@ from omegaconf import DictConfig
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError
 from bnopt.rundir import OutputDirError, RunDirectory
-from bnopt.sweeps import job_threads, limit_threads
+from bnopt.sweeps import gpu_slot, job_threads, limit_threads
 from bnopt.train import ResumeError, train
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, ResumeError, OutputDirError)
 log = logging.getLogger("bnopt")
+
+# configs/hydra/launcher/*.yaml carry the launcher plugins' own names, so Hydra checks them against the
+# plugins' schemas and warns that it will stop doing so; they are complete configs either way. Filtered here
+# because this module is imported in every job process, where the warning would otherwise repeat per job.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 def main(cfg: DictConfig) -> dict | None:
@@ -33,6 +40,11 @@ def main(cfg: DictConfig) -> dict | None:
     if threads:
         limit_threads(threads)
     try:
+        if in_sweep and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+            # a local parallel sweep on a multi-GPU machine: one free GPU per job
+            with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-locks", torch.cuda.device_count()) as gpu:
+                cfg.device = f"cuda:{gpu}"
+                return train(cfg, run_dir)
         return train(cfg, run_dir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

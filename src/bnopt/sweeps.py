@@ -7,9 +7,12 @@ side scale almost linearly; so each job takes its share of the cores unless ``th
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -36,6 +39,30 @@ def job_threads(threads: int | None, launcher: DictConfig | None, cores: int | N
     if "submitit" in target and launcher.get("cpus_per_task"):
         return int(launcher.cpus_per_task)
     return None
+
+
+@contextlib.contextmanager
+def gpu_slot(lock_dir: Path, gpus: int, wait_s: float = 0.5):
+    """Hold one of ``gpus`` GPU slots for the duration of a job: an exclusive lock on
+    ``lock_dir/gpu<k>.lock``, the first that is free (waiting while all are taken). Jobs of a local parallel
+    sweep on a multi-GPU machine thus run on distinct GPUs, however the worker pool schedules them. The lock
+    goes with the process, so a killed job frees its GPU."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for k in range(gpus):
+            handle = open(lock_dir / f"gpu{k}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield k
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(wait_s)
 
 
 def limit_threads(threads: int) -> None:

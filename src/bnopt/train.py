@@ -37,9 +37,10 @@ from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
-# Keys that label or schedule a run without changing what it computes: a checkpoint written under another
-# name or thread count is the same run (two figures' sweeps reach the same run under different names).
-NOT_IDENTITY = ("name", "threads")
+# Keys that label or place a run without changing what it computes: a checkpoint written under another name,
+# thread count or device is the same run (two figures' sweeps reach one run under different names; a
+# requeued job may land on another GPU).
+NOT_IDENTITY = ("name", "threads", "device")
 
 
 class ResumeError(RuntimeError):
@@ -89,7 +90,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     summary = {
         "status": "running", "steps": start, "final": {}, "diverged_at_step": None,
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
+        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "git_commit": git_commit(), "started": now(), "finished": None, "error": None,
     }
     run.write_summary(summary)

@@ -1,0 +1,183 @@
+"""Figures from a small synthetic results directory, the grouping logic, and runs that cannot be parsed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from bnopt.figures import FIGURES, draw
+from bnopt.results import RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
+from bnopt.rundir import METRICS_HEADER
+from conftest import REPO, compose_config
+
+DATA = {"vgg": "fashion_mnist", "mlp": "fashion_mnist", "dln": "gaussian_regression"}
+
+
+def fake_run(root: Path, model: str, norm: str, lr: float, seed: int = 0, steps: int = 300, diverge_at: int | None = None,
+             experiment: str = "fig", probes: bool = True) -> Path:
+    """A run directory in the results contract, with plausible values for every metric the figures read."""
+    overrides = [f"model={model}", f"data={DATA[model]}", f"norm={norm}", f"optim.lr={lr}", f"seed={seed}",
+                 "scale=cpu", f"name={experiment}", f"train.steps={steps}"]
+    overrides.append("probes=[ics,landscape,activations]" if probes else "probes=none")
+    cfg = compose_config(*overrides)
+    run_dir = root / f"{model}-{norm}-{lr}-{seed}-{experiment}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    rng = np.random.default_rng(seed)
+    end = steps if diverge_at is None else diverge_at
+    rows, histograms = [], []
+    classification = model != "dln"
+    for step in range(0, end, 10):
+        progress = step / steps
+        rows.append((step, "train/loss", 2.3 * (1 - 0.8 * progress) + 0.05 * rng.random(), "", ""))
+        if classification:
+            rows.append((step, "train/acc", 0.1 + 0.8 * progress + 0.02 * rng.random(), "", ""))
+        if step % 50 == 0 and classification:
+            rows += [(step, "test/loss", 2.0 - progress, "", ""), (step, "test/acc", 0.1 + 0.7 * progress, "", "")]
+        if probes and step % 50 == 0:
+            for layer in cfg.probes.ics.layers:
+                rows += [(step, "ics/l2", rng.random() + 0.1, layer, ""), (step, "ics/cos", rng.random(), layer, "")]
+            for eta in cfg.probes.landscape.etas:
+                rows += [(step, "landscape/loss", 2.0 + eta * rng.random(), "", eta),
+                         (step, "landscape/grad_diff", eta * (1 + rng.random()), "", eta)]
+            rows += [(step, "landscape/beta", 1 + rng.random(), "", ""), (step, "landscape/grad_norm", 3.0, "", "")]
+            for layer in cfg.probes.activations.layers:
+                values = rng.normal(progress, 1 + progress, 400)
+                for q in (15, 50, 85):
+                    rows.append((step, f"act/q{q}", float(np.percentile(values, q)), layer, ""))
+                rows += [(step, "act/mean", values.mean(), layer, ""), (step, "act/var", values.var(), layer, "")]
+                counts, edges = np.histogram(values, bins=50)
+                histograms.append((step, layer, counts, edges))
+    text = METRICS_HEADER + "\n" + "".join(f"{s},{n},{float(v)!r},{lay},{e}\n" for s, n, v, lay, e in rows)
+    (run_dir / "metrics.csv").write_text(text)
+    if histograms:
+        np.savez_compressed(run_dir / "activations.npz", step=np.array([h[0] for h in histograms]),
+                            layer=np.array([h[1] for h in histograms]), unit=np.zeros(len(histograms), int),
+                            counts=np.array([h[2] for h in histograms]), edges=np.array([h[3] for h in histograms]))
+    final = {name: value for _, name, value, layer, eta in rows if layer == "" and name.startswith(("train/", "test/"))}
+    status = "completed" if diverge_at is None else "diverged"
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "steps": end, "final": final}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01),
+                     ("batchnorm", 0.01), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1), ("lpinf", 0.1)]:
+        fake_run(root / "cpu-fashion_mnist" / "vgg", "vgg", norm, lr, diverge_at=120 if lr == 0.5 and norm == "none" else None)
+    for seed in (0, 1):
+        for norm, lr in [("none", 1e-6), ("batchnorm", 1e-6), ("none", 1e-7), ("batchnorm", 1e-7), ("lp1", 1e-6),
+                         ("lp2", 1e-6), ("lpinf", 1e-6)]:
+            fake_run(root / "paper-gaussian_regression" / "dln", "dln", norm, lr, seed=seed)
+    for norm in ("none", "batchnorm"):
+        fake_run(root / "paper-fashion_mnist" / "mlp", "mlp", norm, 0.5)
+        for lr, model in [(0.1, "vgg"), (1.0, "vgg"), (1e-6, "dln"), (1e-5, "dln"), (0.5, "mlp"), (5.0, "mlp")]:
+            for seed in (0, 1):
+                fake_run(root / "sweeps" / model, model, norm, lr, seed=seed, steps=100, experiment=f"lr_sweep_{model}",
+                         probes=False, diverge_at=30 if (lr in (1.0, 1e-5, 5.0) and norm == "none") else None)
+    return root
+
+
+@pytest.mark.parametrize("key", list(FIGURES))
+def test_every_figure_draws_from_a_results_directory(results, tmp_path, key):
+    messages = []
+    written = draw(key, load_runs([results]), tmp_path, warn=messages.append)
+    assert written, messages
+    for png in written:
+        assert png.stat().st_size > 10_000 and png.with_suffix(".pdf").exists()
+    assert not [m for m in messages if "missing" in m], messages
+
+
+def test_missing_runs_are_named_and_the_rest_is_drawn(results, tmp_path):
+    runs = [r for r in load_runs([results]) if not (r.get("model.name") == "vgg" and r.get("norm.name") == "none")]
+    messages = []
+    written = draw("1", runs, tmp_path, warn=messages.append)
+    assert written and written[0].name == "fig1.png"
+    assert any("missing" in m and "VGG" in m and "norm.name=none" in m for m in messages), messages
+    assert draw("8", [r for r in runs if r.get("model.name") != "dln"], tmp_path, warn=messages.append) == []
+    assert any("no runs of dln" in m for m in messages)
+
+
+def test_one_figure_per_result_set(results, tmp_path):
+    runs = load_runs([results])
+    extra = fake_run(tmp_path / "smoke", "vgg", "batchnorm", 0.1)
+    more = load_runs([extra])
+    assert more[0].get("scale.name") == "cpu"  # same set as the others: one figure
+    paper = tmp_path / "paper"
+    fake_run(paper, "vgg", "none", 0.1)
+    (paper / "vgg-none-0.1-0-fig" / "config.yaml").write_text(
+        (paper / "vgg-none-0.1-0-fig" / "config.yaml").read_text().replace("name: cpu", "name: paper"))
+    written = draw("4", runs + load_runs([paper]), tmp_path / "out", warn=lambda m: None)
+    assert sorted(p.name for p in written) == ["fig4_cpu-fashion_mnist.png", "fig4_paper-fashion_mnist.png"]
+
+
+# --- grouping ------------------------------------------------------------------------------------------
+
+
+def test_grouping_finds_what_varies_and_aggregates_seeds(results):
+    dln = select(load_runs([results / "paper-gaussian_regression"]), norm__name=["none", "batchnorm"], optim__lr=1e-6)
+    assert len(dln) == 4
+    assert varying_keys(dln) == ["norm.kind", "norm.name", "seed"] or "seed" in varying_keys(dln)
+    groups = group_runs(dln, ["norm.name"])
+    assert list(groups) == [("batchnorm",), ("none",)] and all(len(g) == 2 for g in groups.values())
+    stats = aggregate([r.series("train/loss") for r in groups[("none",)]])
+    both = pd.concat([r.series("train/loss") for r in groups[("none",)]], axis=1)
+    assert np.allclose(stats["mean"], both.mean(axis=1)) and (stats["min"] <= stats["max"]).all()
+    assert select(dln, optim__lr=1.0000000001e-6) == dln  # floats match to rounding
+    assert select(dln, optim__lr=1e-7) == []
+
+
+def test_aggregate_keeps_diverged_runs_up_to_where_they_stopped():
+    a = pd.Series([1.0, 2.0, 3.0], index=[0, 10, 20])
+    b = pd.Series([3.0], index=[0])
+    stats = aggregate([a, b])
+    assert stats["n"].tolist() == [2, 1, 1] and stats["mean"].tolist() == [2.0, 2.0, 3.0]
+
+
+# --- files that cannot be parsed -----------------------------------------------------------------------
+
+
+def test_metrics_reader_drops_an_unfinished_last_line_and_refuses_garbage(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text(METRICS_HEADER + "\n0,train/loss,2.3,,\n10,train/loss,2.1,,\n20,train/lo")
+    assert read_metrics(path).step.tolist() == [0, 10]
+    path.write_text("step,name,value\n0,train/loss,2.3\n")
+    with pytest.raises(RunReadError, match="metrics.csv: not a metrics file"):
+        read_metrics(path)
+    path.write_text(METRICS_HEADER + "\n0,train/loss,abc,,\n")
+    with pytest.raises(RunReadError, match="metrics.csv: malformed rows"):
+        read_metrics(path)
+
+
+def test_make_figures_names_and_skips_runs_it_cannot_parse(results, tmp_path):
+    broken = tmp_path / "broken"
+    good = fake_run(broken, "vgg", "batchnorm", 0.1)
+    truncated = fake_run(broken, "vgg", "none", 0.1)
+    (truncated / "metrics.csv").write_text(METRICS_HEADER + "\n0,train/acc,oops,,\n")
+    no_config = fake_run(broken, "vgg", "none", 0.5)
+    (no_config / "config.yaml").unlink()
+    bad_yaml = fake_run(broken, "vgg", "lp1", 0.1)
+    (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
+    result = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "1", "--runs", str(broken),
+                             "--out", str(tmp_path / "figs")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"skipping {truncated / 'metrics.csv'}: malformed rows" in result.stderr
+    assert f"skipping {no_config / 'config.yaml'}: missing" in result.stderr
+    assert f"skipping {bad_yaml / 'config.yaml'}: not valid YAML" in result.stderr
+    assert "1 runs read" in result.stdout and (tmp_path / "figs" / "fig1.png").exists()
+    assert good.exists()
+
+
+def test_make_figures_lists_figures_and_refuses_unknown_ones():
+    listing = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "--list"], capture_output=True,
+                             text=True)
+    assert listing.returncode == 0 and "lr_sweep" in listing.stdout and "is1" in listing.stdout
+    unknown = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "99"], capture_output=True,
+                             text=True)
+    assert unknown.returncode == 2 and "unknown figure '99'" in unknown.stderr

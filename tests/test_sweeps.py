@@ -1,0 +1,185 @@
+"""Sweeps that survive: thread shares, GPU slots, local parallel and submitit sweeps with failing and
+diverging jobs, the sweep index, and an interrupted run that resumes to exactly the uninterrupted result."""
+
+import contextlib
+import csv
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+import bnopt.train
+from bnopt.config import ConfigError, check_config
+from bnopt.sweeps import gpu_slot, job_threads
+from conftest import compose_config, read_rows, run_cli, train_run
+
+
+def launcher(target: str, **fields):
+    return OmegaConf.create({"_target_": target, **fields})
+
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+def test_each_job_takes_its_share_of_the_cores():
+    assert job_threads(None, launcher(JOBLIB, n_jobs=2), cores=2) == 1
+    assert job_threads(None, launcher(JOBLIB, n_jobs=2), cores=16) == 8
+    assert job_threads(None, launcher(JOBLIB, n_jobs=-1), cores=4) == 1
+    assert job_threads(None, launcher(JOBLIB, n_jobs=-2), cores=4) == 1  # joblib: all cores but one -> 3 jobs
+    assert job_threads(None, launcher(JOBLIB, n_jobs=64), cores=4) == 1
+    assert job_threads(3, launcher(JOBLIB, n_jobs=2), cores=2) == 3  # an explicit `threads` wins
+    assert job_threads(None, launcher(SLURM, cpus_per_task=8), cores=64) == 8
+    assert job_threads(None, launcher("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), cores=2) is None
+    assert job_threads(None, None) is None
+
+
+def test_concurrent_jobs_get_distinct_gpu_slots(tmp_path):
+    with gpu_slot(tmp_path, 2) as a, gpu_slot(tmp_path, 2) as b:
+        assert {a, b} == {0, 1}
+        third: list[int] = []
+        waiter = threading.Thread(target=lambda: third.append(next_slot(tmp_path)))
+        waiter.start()
+        waiter.join(timeout=1.5)
+        assert waiter.is_alive() and not third  # both GPUs taken: the third job waits
+    waiter.join(timeout=5)
+    assert third == [0]  # and gets the first one freed
+
+
+def next_slot(lock_dir):
+    with gpu_slot(lock_dir, 2, wait_s=0.05) as k:
+        return k
+
+
+def read_index(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "index.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_local_parallel_sweep_goes_on_past_failed_and_diverged_jobs(tmp_path):
+    result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=dln_bn", "scale=smoke",
+                     "probes=none", "norm=none,batchnorm", "optim.lr=-1,1e-6,1.0", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "schema" not in result.stderr  # the launcher configs' deprecation warning is filtered
+    rows = read_index(tmp_path)
+    assert [r["job"] for r in rows] == [str(i) for i in range(6)]
+    by_lr = {(r["overrides"].split("norm=")[1].split()[0], r["overrides"].split("optim.lr=")[1]): r for r in rows}
+    assert {r["status"] for (_, lr), r in by_lr.items() if lr == "-1"} == {"failed"}
+    assert all("optim.lr=-1" in r["error"] for (_, lr), r in by_lr.items() if lr == "-1")
+    assert {r["status"] for (_, lr), r in by_lr.items() if lr == "1e-06"} == {"completed"}
+    assert by_lr[("none", "1.0")]["status"] == "diverged"
+    assert float(by_lr[("batchnorm", "1e-06")]["train/loss"]) > 0
+    threads = json.loads((tmp_path / "1" / "summary.json").read_text())["threads"]
+    assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
+    result = run_cli("-m", "hydra/launcher=submitit_local", "+experiment=dln_bn", "scale=smoke", "probes=none",
+                     "norm=none,batchnorm", f"hydra.sweep.dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = read_index(tmp_path)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    assert summary["threads"] == 1  # cpus_per_task of configs/hydra/launcher/submitit_local.yaml
+
+
+def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
+    train_run(tmp_path / "0", "+experiment=dln_bn", "scale=smoke", "probes=none")
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "summary.json").write_text('{"status": "runn')  # killed while writing
+    from subprocess import run
+    import sys
+
+    from conftest import REPO
+
+    result = run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0
+    rows = read_index(tmp_path)
+    assert [(r["dir"], r["status"]) for r in rows] == [("0", "completed"), ("1", "unknown")]
+    assert "summary.json: unreadable" in result.stderr
+
+
+# --- resume, deterministically -------------------------------------------------------------------------
+
+
+class StopAtStep:
+    """Stands in for the SIGTERM handler: asks the loop to stop once it has checked ``n`` times."""
+
+    def __init__(self, n: int):
+        self.checks, self.n = 0, n
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks > self.n
+
+
+@pytest.mark.parametrize("stop_after", [7, 20])
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch, stop_after):
+    """VGG with noisy BN, augmentation, momentum, every probe (random landscape direction): stopped at a
+    step that is not a checkpoint step, resumed from the last checkpoint, it ends with the uninterrupted
+    run's metrics.csv, histograms and weights."""
+    args = ("model=vgg", "data=cifar10", "norm=noisy_batchnorm", "probes=[ics,landscape,activations]",
+            "probes.landscape.direction=random", "data.augment=true", "optim.momentum=0.9", "scale=smoke",
+            "train.steps=24", "train.checkpoint_every=5", f"data.root={cifar_root}", "data.download=false")
+    train_run(tmp_path / "reference", *args)
+    real_stop_signals = bnopt.train.stop_signals
+    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(stop_after))))
+    interrupted = train_run(tmp_path / "run", *args)
+    assert interrupted["status"] == "interrupted" and interrupted["steps"] == stop_after
+    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    resumed = train_run(tmp_path / "run", *args)
+    assert resumed["status"] == "completed" and resumed["steps"] == 24
+    assert (tmp_path / "run/metrics.csv").read_text() == (tmp_path / "reference/metrics.csv").read_text()
+    with np.load(tmp_path / "run/activations.npz") as a, np.load(tmp_path / "reference/activations.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in b.files)
+    import torch
+
+    final = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["model"]
+    reference = torch.load(tmp_path / "reference/checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_requeued_job_on_another_device_or_thread_count_is_the_same_run(tmp_path):
+    train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=none", "name=first", "threads=1")
+    again = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=none", "name=second", "threads=2",
+                      "device=cpu")
+    assert again["status"] == "completed"  # recognised as finished, not refused and not re-run
+
+
+# --- GPU options, checked on any machine ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model=mlp", "data=mnist", "train.channels_last=true"], "train.channels_last"),
+    (["+experiment=noisy_bn", "train.compile=true"], "train.compile"),
+    (["train.tf32=maybe"], "train.tf32"),
+])
+def test_gpu_options_are_checked(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config(*overrides))
+    assert err.value.key == key
+
+
+def test_channels_last_computes_the_same_network(tmp_path, cifar_root):
+    """Same weights and batch at step 0: the memory format changes only rounding (later steps amplify it)."""
+    common = ("+experiment=vgg_bn", "scale=smoke", f"data.root={cifar_root}", "data.download=false")
+    plain = train_run(tmp_path / "plain", *common)
+    channels_last = train_run(tmp_path / "cl", *common, "train.channels_last=true")
+    assert channels_last["status"] == plain["status"] == "completed"
+    first = [read_rows(tmp_path / name)[:3] for name in ("plain", "cl")]  # test loss, test acc, train loss at step 0
+    for a, b in zip(*first):
+        assert a.split(",")[:2] == b.split(",")[:2]
+        assert float(a.split(",")[2]) == pytest.approx(float(b.split(",")[2]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_the_eager_one(tmp_path):
+    eager = train_run(tmp_path / "eager", "+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]")
+    compiled = train_run(tmp_path / "compiled", "+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]",
+                         "train.compile=true")
+    assert compiled["final"]["train/loss"] == pytest.approx(eager["final"]["train/loss"], rel=1e-4)
