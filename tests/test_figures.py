@@ -181,3 +181,14 @@ def test_make_figures_lists_figures_and_refuses_unknown_ones():
     unknown = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "99"], capture_output=True,
                              text=True)
     assert unknown.returncode == 2 and "unknown figure '99'" in unknown.stderr
+
+
+def test_report_prints_a_table_per_claim(results):
+    result = subprocess.run([sys.executable, str(REPO / "scripts/report.py"), "--runs", str(results)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for heading in ("**VGG training**", "**Activation moments**", "**ICS, VGG**", "**ICS, DLN**",
+                    "**Landscape along the gradient, VGG**", "**DLN final training loss**", "**MLP**",
+                    "**Learning-rate sweep, VGG**"):
+        assert heading in result.stdout, heading
+    assert "| BatchNorm | 0.1 |" in result.stdout and "Effective β without BN / with BN" in result.stdout

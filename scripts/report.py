@@ -1,0 +1,213 @@
+"""The numbers behind REPRODUCTION.md, computed from runs on disk, one table per claim of protocol section 7.
+
+    python scripts/report.py                      # from the committed results under results/
+    python scripts/report.py --runs results/cpu-fashion_mnist results/paper-gaussian_regression
+
+Prints markdown. Each number says what it is computed from; seeds are summarised as mean (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from bnopt.figures import LABELS, LP_VARIANTS, result_sets  # noqa: E402
+from bnopt.results import Run, load_runs, select  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seeds(values: list[float], fmt: str = "{:.3g}") -> str:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def steps_to(run: Run, metric: str, threshold: float, window: int = 5) -> float | None:
+    """First step at which the rolling mean (over ``window`` logs) of ``metric`` reaches ``threshold``."""
+    s = run.series(metric).rolling(window, min_periods=window).mean()
+    reached = s[s >= threshold]
+    return float(reached.index[0]) if len(reached) else None
+
+
+def final(run: Run, metric: str) -> float | None:
+    s = run.series(metric)
+    return float(s.iloc[-1]) if len(s) else None
+
+
+def median_over_training(run: Run, metric: str, layer: int | None = None) -> float | None:
+    s = run.series(metric, layer)
+    return float(s.median()) if len(s) else None
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def first_set(runs: list[Run], model: str, lr_sweep: bool = False) -> tuple[str, list[Run]]:
+    sets = result_sets(runs, model, lr_sweep)
+    if not sets:
+        return "", []
+    name = sorted(sets)[0]
+    return name, sets[name]
+
+
+def vgg_training(runs: list[Run]) -> str:
+    name, vgg = first_set(runs, "vgg")
+    rows = []
+    for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1),
+                     ("lpinf", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01), ("batchnorm", 0.01)]:
+        chosen = select(vgg, norm__name=norm, optim__lr=lr)
+        if not chosen:
+            continue
+        rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
+                     seeds([final(r, "train/acc") for r in chosen]), seeds([final(r, "test/acc") for r in chosen]),
+                     ", ".join(sorted({r.status for r in chosen}))])
+    return f"**VGG training** ({name}):\n\n" + table(
+        ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)", "final train acc (batch)",
+         "final test acc", "status"], rows)
+
+
+def activation_stability(runs: list[Run]) -> str:
+    name, vgg = first_set(runs, "vgg")
+    rows = []
+    for norm in ("none", "batchnorm", "noisy_batchnorm"):
+        chosen = select(vgg, norm__name=norm, optim__lr=0.1)
+        for layer in (2, 9, 13):
+            if not chosen:
+                continue
+            mean, var = chosen[0].series("act/mean", layer), chosen[0].series("act/var", layer)
+            if not len(mean):
+                continue
+            rows.append([LABELS[norm], f"#{layer}", f"{mean.diff().abs().median():.3g}",
+                         f"{var.diff().abs().median():.3g}", f"{(mean - mean.iloc[0]).abs().max():.3g}",
+                         f"{(var - var.iloc[0]).abs().max():.3g}"])
+    return f"**Activation moments** (one unit, measurements 100 steps apart; {name}):\n\n" + table(
+        ["variant", "layer", "median |Δμ|", "median |Δσ²|", "max |μ(t) − μ(0)|", "max |σ²(t) − σ²(0)|"], rows)
+
+
+def ics(runs: list[Run]) -> str:
+    out = []
+    for model, lrs, layers in (("vgg", (0.1, 0.01), (5, 10)), ("dln", (1e-6, 1e-7), (9, 17))):
+        name, rs = first_set(runs, model)
+        rows = []
+        for lr in lrs:
+            for norm in ("none", "batchnorm"):
+                chosen = select(rs, norm__name=norm, optim__lr=lr)
+                for layer in layers:
+                    if chosen:
+                        rows.append([LABELS[norm], f"{lr:g}", f"#{layer}",
+                                     seeds([median_over_training(r, "ics/l2", layer) for r in chosen]),
+                                     seeds([median_over_training(r, "ics/cos", layer) for r in chosen])])
+        out.append(f"**ICS, {model.upper()}** ({name}; medians over training, then over seeds):\n\n" + table(
+            ["variant", "lr", "layer", "‖G − G'‖₂", "cos(G, G')"], rows))
+    return "\n\n".join(out)
+
+
+def landscape(runs: list[Run]) -> str:
+    out = []
+    for model, lr in (("vgg", 0.1), ("dln", 1e-6)):
+        name, rs = first_set(runs, model)
+        rows, betas = [], {}
+        for norm in LP_VARIANTS:
+            chosen = select(rs, norm__name=norm, optim__lr=lr)
+            if not chosen:
+                continue
+
+            def spread(run: Run, metric: str) -> float:
+                rows_ = run.metrics[run.metrics.name == metric].groupby("step")["value"]
+                return float((rows_.max() - rows_.min()).median())
+
+            betas[norm] = [median_over_training(r, "landscape/beta") for r in chosen]
+            rows.append([LABELS[norm], seeds([spread(r, "landscape/loss") for r in chosen]),
+                         seeds([spread(r, "landscape/grad_diff") for r in chosen]), seeds(betas[norm])])
+        ratio = ""
+        if betas.get("none") and betas.get("batchnorm"):
+            ratio = (f"\n\nEffective β without BN / with BN (medians over training, mean over seeds): "
+                     f"{np.nanmean(betas['none']) / np.nanmean(betas['batchnorm']):.3g}.")
+        out.append(f"**Landscape along the gradient, {model.upper()}** ({name}, lr {lr:g}; per step the range "
+                   f"over the η grid, median over training):\n\n" + table(
+                       ["variant", "loss range", "gradient-predictiveness range", "effective β"], rows) + ratio)
+    return "\n\n".join(out)
+
+
+def dln_losses(runs: list[Run]) -> str:
+    name, dln = first_set(runs, "dln")
+    rows = []
+    for norm in LP_VARIANTS:
+        chosen = select(dln, norm__name=norm, optim__lr=1e-6)
+        if chosen:
+            rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in chosen]),
+                         seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
+    return f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n" + table(
+        ["variant", "final loss", "initial loss"], rows)
+
+
+def mlp(runs: list[Run]) -> str:
+    name, rs = first_set(runs, "mlp")
+    rows = []
+    for norm in ("none", "batchnorm"):
+        chosen = select(rs, norm__name=norm)
+        if not chosen:
+            continue
+        run = chosen[0]
+        acc = run.series("test/acc")
+        at = {s: (f"{acc.loc[s]:.3f}" if s in acc.index else "–") for s in (1000, 5000, 10000, 50000)}
+        layer = run.get("probes.activations.layers", (3,))[-1]
+        q15, q50, q85 = (run.series(f"act/q{q}", layer) for q in (15, 50, 85))
+        if len(q50):
+            early, late = q50.iloc[: max(1, len(q50) // 10)].mean(), q50.iloc[-max(1, len(q50) // 10):].mean()
+            spread = (q85 - q15)
+            drift = f"{early:.3g} → {late:.3g}"
+            spread_text = f"{spread.iloc[: max(1, len(spread) // 10)].mean():.3g} → {spread.iloc[-max(1, len(spread) // 10):].mean():.3g}"
+        else:
+            drift = spread_text = "–"
+        rows.append([LABELS[norm], *at.values(), drift, spread_text])
+    return f"**MLP** ({name}):\n\n" + table(
+        ["variant", "test acc @1k", "@5k", "@10k", "@50k", "median sigmoid input, first → last 10% of training",
+         "15–85% spread, first → last 10%"], rows)
+
+
+def lr_sweep(runs: list[Run]) -> str:
+    out = []
+    for model in ("vgg", "dln", "mlp"):
+        name, rs = first_set(runs, model, lr_sweep=True)
+        if not rs:
+            continue
+        frame = pd.DataFrame([{"norm": r.get("norm.name"), "lr": r.get("optim.lr"), "status": r.status,
+                               "loss": r.summary.get("final", {}).get("train/loss", np.nan)} for r in rs])
+        rows = []
+        for (norm, lr), group in frame.groupby(["norm", "lr"]):
+            diverged = (group.status == "diverged").sum()
+            rows.append([LABELS.get(norm, norm), f"{lr:g}", f"{diverged}/{len(group)}",
+                         seeds(group[group.status != "diverged"].loss.tolist())])
+        out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
+            ["variant", "lr", "diverged", "final train loss (not diverged)"], rows))
+    return "\n\n".join(out)
+
+
+SECTIONS = [vgg_training, activation_stability, ics, landscape, dln_losses, mlp, lr_sweep]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    committed = [p for p in sorted((REPO / "results").glob("*")) if p.is_dir() and p.name not in ("runs", "figures")]
+    parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed])
+    args = parser.parse_args()
+    runs = load_runs(args.runs, warn=lambda m: print(m, file=sys.stderr))
+    print("\n\n".join(section(runs) for section in SECTIONS))
+
+
+if __name__ == "__main__":
+    main()
