@@ -48,7 +48,9 @@ class TensorData:
         return self.num_classes is not None
 
     def to(self, device: torch.device) -> "TensorData":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return TensorData(self.name, move(self.train_x), move(self.train_y), move(self.test_x),
                           move(self.test_y), self.num_classes, self.loss_fn)
 
@@ -173,13 +175,15 @@ def load_cifar10(root: Path, download: bool) -> dict:
     """CIFAR-10 as uint8 arrays from ``root/cifar-10-batches-py`` (the extracted official archive)."""
     folder = root / CIFAR_FOLDER
     needed = [*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH]
-    complete = lambda: all((folder / n).is_file() for n in needed)  # noqa: E731
-    if not complete() and download:
+
+    def missing() -> list[str]:
+        return [n for n in needed if not (folder / n).is_file()]
+
+    if missing() and download:
         _download("CIFAR10", root, "CIFAR-10")
-    if not complete():
-        missing = [n for n in needed if not (folder / n).is_file()]
+    if missing():
         raise DatasetNotFoundError(
-            f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}, and data.download=false. Fix: set "
+            f"CIFAR-10 not found: {folder} lacks {', '.join(missing())}, and data.download=false. Fix: set "
             f"data.download=true (needs internet), or extract cifar-10-python.tar.gz into {root}, or "
             f"point data.root at the directory that contains {CIFAR_FOLDER}/."
         )
