@@ -149,6 +149,8 @@ def finish(fig, axes, title: str, notes: list[str]) -> None:
     for ax in np.ravel(axes):
         if ax.has_data():
             ax.grid(alpha=0.3)
+            if not ax.get_xlabel():
+                ax.set_xlabel("step", fontsize=8)
             handles, _ = ax.get_legend_handles_labels()
             if handles:
                 ax.legend(fontsize=7)
@@ -165,7 +167,7 @@ def by_norm(runs: list[Run], missing: Missing, what: str, norms: list[str], **co
 
 def fig_1(sets, missing):
     vgg = sets["vgg"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for i, lr in enumerate((0.1, 0.5)):
         for norm in ("none", "batchnorm"):
             runs = missing.need(vgg, "VGG", norm__name=norm, optim__lr=lr)
@@ -174,13 +176,11 @@ def fig_1(sets, missing):
             curve(axes[0, 1], runs, "test/acc", COLORS[norm], label, style=LR_STYLES[i])
     axes[0, 0].set_title("(a) training accuracy (current batch)")
     axes[0, 1].set_title("(b) test accuracy")
-    axes[0, 2].axis("off")
     for j, layer in enumerate((3, 11)):
         for norm in ("none", "batchnorm"):
             runs = select(vgg, norm__name=norm, optim__lr=0.1)
             quantile_band(axes[1, j], runs, layer, COLORS[norm], LABELS[norm])
         axes[1, j].set_title(f"(c) layer #{layer}: one unit's input to ReLU, lr 0.1")
-    axes[1, 2].axis("off")
     finish(fig, axes, "Fig. 1 — BatchNorm trains faster and tolerates lr 0.5", [setting_note(vgg)])
     return fig
 
@@ -189,16 +189,14 @@ def fig_2(sets, missing):
     vgg = sets["vgg"]
     norms = ["none", "batchnorm", "noisy_batchnorm"]
     runs = by_norm(vgg, missing, "VGG lr 0.1", norms, optim__lr=0.1)
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for norm in norms:
-        curve(axes[0, 0], runs[norm], "train/acc", COLORS[norm], LABELS[norm])
-    axes[0, 0].set_title("training accuracy")
-    axes[0, 1].axis("off")
-    axes[0, 2].axis("off")
-    for j, layer in enumerate((2, 9, 13)):
+        curve(axes[0], runs[norm], "train/acc", COLORS[norm], LABELS[norm])
+    axes[0].set_title("training accuracy (current batch)")
+    for j, layer in enumerate((2, 9, 13), start=1):
         for norm in norms:
-            quantile_band(axes[1, j], runs[norm], layer, COLORS[norm], LABELS[norm])
-        axes[1, j].set_title(f"layer #{layer}")
+            quantile_band(axes[j], runs[norm], layer, COLORS[norm], LABELS[norm])
+        axes[j].set_title(f"layer #{layer}: one unit's input to ReLU")
     finish(fig, axes, "Fig. 2 — noisy BN trains nearly as well as BN though its distributions are unstable",
            [setting_note(vgg)])
     return fig
