@@ -87,7 +87,7 @@ def quantile_band(ax, runs: list[Run], layer: int, color, label: str) -> None:
 
 def density_image(ax, runs: list[Run], layer: int, title: str) -> bool:
     """The histograms of ``activations.npz`` as an image: step across, activation value up, density as
-    colour (first seed)."""
+    colour, each step scaled to its own peak so that narrow and wide distributions both show (first seed)."""
     saved = runs[0].activations() if runs else None
     if saved is None or not (saved["layer"] == layer).any():
         ax.set_title(f"{title}: no histograms")
@@ -100,8 +100,9 @@ def density_image(ax, runs: list[Run], layer: int, title: str) -> bool:
     for j, (c, e) in enumerate(zip(counts, edges)):
         centres = (e[:-1] + e[1:]) / 2
         density = c / max(c.sum(), 1) / np.diff(e)
-        image[:, j] = np.interp((grid[:-1] + grid[1:]) / 2, centres, density, left=0, right=0)
-    ax.imshow(np.log1p(image), origin="lower", aspect="auto", cmap="magma",
+        column = np.interp((grid[:-1] + grid[1:]) / 2, centres, density, left=0, right=0)
+        image[:, j] = column / column.max() if column.max() > 0 else column
+    ax.imshow(image, origin="lower", aspect="auto", cmap="magma",
               extent=(steps.min(), steps.max(), grid[0], grid[-1]))
     ax.set_title(title)
     return True
