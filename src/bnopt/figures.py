@@ -122,6 +122,8 @@ def landscape_bands(axes, runs: list[Run], color, label: str) -> None:
         if lows:
             low, high = aggregate(lows)["mean"], aggregate(highs)["mean"]
             ax.fill_between(low.index, low.values, high.values, color=color, alpha=0.35, lw=0, label=label)
+            for edge in (low, high):  # outlines keep a band visible where it is thinner than a line
+                ax.plot(edge.index, edge.values, color=color, lw=0.6)
     curve(axes[2], runs, "landscape/beta", color, label, log=True)
     axes[1].set_yscale("log")
     axes[0].set_title("loss range along −g")
