@@ -115,6 +115,11 @@ def ics(runs: list[Run]) -> str:
     return "\n\n".join(out)
 
 
+def early(series: pd.Series, fraction: float = 0.2) -> pd.Series:
+    """The part of a series within the first ``fraction`` of its steps."""
+    return series[series.index <= series.index.min() + fraction * (series.index.max() - series.index.min())]
+
+
 def landscape(runs: list[Run]) -> str:
     out = []
     for model, lr in (("vgg", 0.1), ("dln", 1e-6)):
@@ -125,20 +130,28 @@ def landscape(runs: list[Run]) -> str:
             if not chosen:
                 continue
 
-            def spread(run: Run, metric: str) -> float:
-                rows_ = run.metrics[run.metrics.name == metric].groupby("step")["value"]
-                return float((rows_.max() - rows_.min()).median())
+            def spread(run: Run, metric: str, first: bool = False) -> float:
+                by_step = run.metrics[run.metrics.name == metric].groupby("step")["value"]
+                ranges = by_step.max() - by_step.min()
+                return float((early(ranges) if first else ranges).median())
 
-            betas[norm] = [median_over_training(r, "landscape/beta") for r in chosen]
+            beta = [r.series("landscape/beta") for r in chosen]
+            betas[norm] = [float(b.median()) for b in beta]
             rows.append([LABELS[norm], seeds([spread(r, "landscape/loss") for r in chosen]),
-                         seeds([spread(r, "landscape/grad_diff") for r in chosen]), seeds(betas[norm])])
+                         seeds([spread(r, "landscape/loss", first=True) for r in chosen]),
+                         seeds([spread(r, "landscape/grad_diff") for r in chosen]),
+                         seeds([spread(r, "landscape/grad_diff", first=True) for r in chosen]),
+                         seeds(betas[norm]), seeds([float(early(b).median()) for b in beta]),
+                         seeds([float(b.max()) for b in beta])])
         ratio = ""
         if betas.get("none") and betas.get("batchnorm"):
             ratio = (f"\n\nEffective β without BN / with BN (medians over training, mean over seeds): "
                      f"{np.nanmean(betas['none']) / np.nanmean(betas['batchnorm']):.3g}.")
         out.append(f"**Landscape along the gradient, {model.upper()}** ({name}, lr {lr:g}; per step the range "
-                   f"over the η grid, median over training):\n\n" + table(
-                       ["variant", "loss range", "gradient-predictiveness range", "effective β"], rows) + ratio)
+                   f"over the η grid; medians over all of training and over its first fifth):\n\n" + table(
+                       ["variant", "loss range", "loss range, first fifth", "grad-predictiveness range",
+                        "grad-predictiveness range, first fifth", "effective β", "β, first fifth", "β, max"],
+                       rows) + ratio)
     return "\n\n".join(out)
 
 
