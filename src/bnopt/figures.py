@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -316,6 +317,9 @@ def fig_10(sets, missing):
                 ax.plot(at.eta, at.value, color=colour, lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            etas = np.sort(rows.eta.unique())
+            ax.set_xticks(etas, [f"{e:g}" for e in etas], fontsize=7)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("η")
             sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(snapshots.min(), snapshots.max()))
             fig.colorbar(sm, ax=ax, label="step")
