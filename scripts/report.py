@@ -199,14 +199,18 @@ def lr_sweep(runs: list[Run]) -> str:
         if not rs:
             continue
         frame = pd.DataFrame([{"norm": r.get("norm.name"), "lr": r.get("optim.lr"), "status": r.status,
-                               "loss": r.summary.get("final", {}).get("train/loss", np.nan)} for r in rs])
+                               "loss": r.summary.get("final", {}).get("train/loss", np.nan),
+                               "acc": r.summary.get("final", {}).get("test/acc", np.nan)} for r in rs])
+        classification = frame.acc.notna().any()
         rows = []
         for (norm, lr), group in frame.groupby(["norm", "lr"]):
-            diverged = (group.status == "diverged").sum()
-            rows.append([LABELS.get(norm, norm), f"{lr:g}", f"{diverged}/{len(group)}",
-                         seeds(group[group.status != "diverged"].loss.tolist())])
+            finished = group[group.status != "diverged"]
+            row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
+                   seeds(finished.loss.tolist())]
+            rows.append(row + [seeds(finished.acc.tolist())] if classification else row)
+        columns = ["variant", "lr", "diverged", "final train loss (not diverged)"]
         out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
-            ["variant", "lr", "diverged", "final train loss (not diverged)"], rows))
+            columns + ["final test acc (not diverged)"] if classification else columns, rows))
     return "\n\n".join(out)
 
 

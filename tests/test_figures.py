@@ -192,3 +192,7 @@ def test_report_prints_a_table_per_claim(results):
                     "**Learning-rate sweep, VGG**"):
         assert heading in result.stdout, heading
     assert "| BatchNorm | 0.1 |" in result.stdout and "Effective β without BN / with BN" in result.stdout
+    vgg_sweep, dln_sweep = (result.stdout.split(f"**Learning-rate sweep, {m}**")[1].split("\n\n")[1]
+                            for m in ("VGG", "DLN"))
+    assert "final test acc" in vgg_sweep and "final test acc" not in dln_sweep  # regression has no accuracy
+    assert "| no norm | 1 | 2/2 | – | – |" in vgg_sweep  # both seeds diverged: no final values
