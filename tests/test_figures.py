@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bnopt.figures import FIGURES, draw
+from bnopt.figures import FIGURES, Missing, draw, fig_lr_sweep
 from bnopt.results import RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, compose_config
@@ -115,6 +116,17 @@ def test_one_figure_per_result_set(results, tmp_path):
         (paper / "vgg-none-0.1-0-fig" / "config.yaml").read_text().replace("name: cpu", "name: paper"))
     written = draw("4", runs + load_runs([paper]), tmp_path / "out", warn=lambda m: None)
     assert sorted(p.name for p in written) == ["fig4_cpu-fashion_mnist.png", "fig4_paper-fashion_mnist.png"]
+
+
+def test_lr_sweep_draws_accuracy_only_for_classification(results):
+    runs = load_runs([results / "sweeps"])
+    fig = fig_lr_sweep({m: select(runs, model__name=m) for m in ("vgg", "dln", "mlp")}, Missing())
+    (vgg_loss, dln_loss, _), (vgg_acc, dln_acc, mlp_acc) = fig.axes[:3], fig.axes[3:6]
+    assert vgg_acc.has_data() and mlp_acc.has_data() and dln_loss.has_data()
+    assert not dln_acc.has_data() and not dln_acc.axison  # the regression has no accuracy to draw
+    diverged = [line for line in vgg_loss.get_lines() if line.get_marker() == "x"]
+    assert [list(line.get_xdata()) for line in diverged] == [[1.0]]  # only the unnormalised net at lr 1
+    plt.close(fig)
 
 
 # --- grouping ------------------------------------------------------------------------------------------

@@ -388,6 +388,7 @@ def fig_lr_sweep(sets, missing):
         return None
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
     for j, model in enumerate(models):
+        classification = any("train/acc" in run.summary.get("final", {}) for run in sets[model])
         for norm, runs in group_runs(sets[model], ["norm.name"]).items():
             norm = norm[0]
             rows = []
@@ -396,7 +397,7 @@ def fig_lr_sweep(sets, missing):
                 rows.append({"lr": run.get("optim.lr"), "loss": final.get("train/loss", np.nan),
                              "acc": final.get("train/acc", np.nan), "diverged": run.status == "diverged"})
             table = pd.DataFrame(rows)
-            for i, metric in enumerate(("loss", "acc")):
+            for i, metric in enumerate(("loss", "acc") if classification else ("loss",)):
                 ok = table[~table.diverged].groupby("lr")[metric]
                 mean = ok.mean()
                 axes[i, j].errorbar(mean.index, mean.values, yerr=[mean - ok.min(), ok.max() - mean], fmt="o-",
@@ -411,6 +412,10 @@ def fig_lr_sweep(sets, missing):
         axes[0, j].set_title(f"{model.upper()}: final training loss (mean, min-max over seeds)", fontsize=9)
         axes[0, j].set_yscale("log")
         axes[1, j].set_title(f"{model.upper()}: final training accuracy", fontsize=9)
+        if not classification:
+            axes[1, j].axis("off")
+            axes[1, j].text(0.5, 0.5, f"{model.upper()}: regression, no accuracy", ha="center", va="center",
+                            transform=axes[1, j].transAxes, color="0.4")
     notes = [setting_note(sets[m]) for m in models]
     finish(fig, axes, "BatchNorm tolerates a broader range of learning rates", [" | ".join(notes)])
     return fig
