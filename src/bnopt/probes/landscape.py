@@ -85,7 +85,7 @@ def _evaluate_loop(model, loss_fn, batch, obs, named, d, etas):
     values = [p.detach() for p in params]
     losses, grads = [], []
     for eta in etas:
-        moved = torch._foreach_sub(values, torch._foreach_mul(d, eta))  # w - eta * d, two roundings as written
+        moved = torch._foreach_add(values, d, alpha=-eta)  # w - eta * d in one pass
         with parameters_at(dict(zip(params, moved))):
             loss = loss_at(model, loss_fn, batch, obs)
             grads.append(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
