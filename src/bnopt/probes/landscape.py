@@ -8,8 +8,9 @@ all on the same batch, with train-mode normalisation on batch statistics.
 
 The E evaluations run one after another, or batched with ``torch.func.vmap`` (``batched=True``). Which
 is faster depends on the model and device (measured by ``scripts/benchmark.py``): on CPU the batched
-form pays for the deep linear network (1.2x), ties for the MLP and loses for VGG (0.8-0.9x), so
-``batched="auto"`` picks it for conv-free models on CPU. The two agree to float rounding, not bit for bit.
+form pays for the deep linear network (1.1-1.4x), is within 5% for the MLP and loses for VGG
+(0.8-0.9x), so ``batched="auto"`` picks it for conv-free models on CPU. The two agree to float rounding,
+not bit for bit.
 """
 
 from __future__ import annotations
