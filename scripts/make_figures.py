@@ -18,16 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.figures import FIGURES, draw  # noqa: E402
-from bnopt.results import load_runs  # noqa: E402
+from bnopt.results import committed_result_dirs, load_runs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED = [p for p in sorted((REPO / "results").glob("*")) if p.is_dir() and p.name not in ("runs", "figures")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", nargs="?", help=f"one of {', '.join(FIGURES)}, or all")
-    parser.add_argument("--runs", nargs="+", default=[str(p) for p in COMMITTED],
+    parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed_result_dirs(REPO)],
                         help="run directories or globs (default: the committed results under results/)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "figures")
     parser.add_argument("--list", action="store_true", help="list the figures and their claims")

@@ -18,7 +18,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.figures import LABELS, LP_VARIANTS, result_sets  # noqa: E402
-from bnopt.results import Run, load_runs, select  # noqa: E402
+from bnopt.results import Run, committed_result_dirs, load_runs, select  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,13 @@ def early(series: pd.Series, fraction: float = 0.2) -> pd.Series:
     return series[series.index <= series.index.min() + fraction * (series.index.max() - series.index.min())]
 
 
+def spread(run: Run, metric: str, first: bool = False) -> float:
+    """Median over training (or its first fifth) of each step's range of ``metric`` over the η grid."""
+    by_step = run.metrics[run.metrics.name == metric].groupby("step")["value"]
+    ranges = by_step.max() - by_step.min()
+    return float((early(ranges) if first else ranges).median())
+
+
 def landscape(runs: list[Run]) -> str:
     out = []
     for model, lr in (("vgg", 0.1), ("dln", 1e-6)):
@@ -129,12 +136,6 @@ def landscape(runs: list[Run]) -> str:
             chosen = select(rs, norm__name=norm, optim__lr=lr)
             if not chosen:
                 continue
-
-            def spread(run: Run, metric: str, first: bool = False) -> float:
-                by_step = run.metrics[run.metrics.name == metric].groupby("step")["value"]
-                ranges = by_step.max() - by_step.min()
-                return float((early(ranges) if first else ranges).median())
-
             beta = [r.series("landscape/beta") for r in chosen]
             betas[norm] = [float(b.median()) for b in beta]
             rows.append([LABELS[norm], seeds([spread(r, "landscape/loss") for r in chosen]),
@@ -167,6 +168,12 @@ def dln_losses(runs: list[Run]) -> str:
         ["variant", "final loss", "initial loss"], rows)
 
 
+def first_to_last_tenth(series: pd.Series) -> str:
+    """``a → b``: the mean over the first and over the last tenth of the series' points."""
+    n = max(1, len(series) // 10)
+    return f"{series.iloc[:n].mean():.3g} → {series.iloc[-n:].mean():.3g}"
+
+
 def mlp(runs: list[Run]) -> str:
     name, rs = first_set(runs, "mlp")
     rows = []
@@ -180,13 +187,10 @@ def mlp(runs: list[Run]) -> str:
         layer = run.get("probes.activations.layers", (3,))[-1]
         q15, q50, q85 = (run.series(f"act/q{q}", layer) for q in (15, 50, 85))
         if len(q50):
-            early, late = q50.iloc[: max(1, len(q50) // 10)].mean(), q50.iloc[-max(1, len(q50) // 10):].mean()
-            spread = (q85 - q15)
-            drift = f"{early:.3g} → {late:.3g}"
-            spread_text = f"{spread.iloc[: max(1, len(spread) // 10)].mean():.3g} → {spread.iloc[-max(1, len(spread) // 10):].mean():.3g}"
+            drift, width = first_to_last_tenth(q50), first_to_last_tenth(q85 - q15)
         else:
-            drift = spread_text = "–"
-        rows.append([LABELS[norm], *at.values(), drift, spread_text])
+            drift = width = "–"
+        rows.append([LABELS[norm], *at.values(), drift, width])
     return f"**MLP** ({name}):\n\n" + table(
         ["variant", "test acc @1k", "@5k", "@10k", "@50k", "median sigmoid input, first → last 10% of training",
          "15–85% spread, first → last 10%"], rows)
@@ -219,8 +223,7 @@ SECTIONS = [vgg_training, activation_stability, ics, landscape, dln_losses, mlp,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    committed = [p for p in sorted((REPO / "results").glob("*")) if p.is_dir() and p.name not in ("runs", "figures")]
-    parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed])
+    parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed_result_dirs(REPO)])
     args = parser.parse_args()
     runs = load_runs(args.runs, warn=lambda m: print(m, file=sys.stderr))
     print("\n\n".join(section(runs) for section in SECTIONS))

@@ -36,6 +36,9 @@ from conftest import REPO, compose_config, read_rows, run_cli, train_run
     (["probes=[activations]", "probes.activations.quantiles=[0.5,2]"], "probes.activations.quantiles"),
     (["probes=[landscape]", "probes.landscape.etas=[]"], "probes.landscape.etas"),
     (["+probes.icz.every=3"], "probes.icz"),
+    (["model=mlp", "data=mnist", "train.channels_last=true"], "train.channels_last"),  # GPU options
+    (["+experiment=noisy_bn", "train.compile=true"], "train.compile"),
+    (["train.tf32=maybe"], "train.tf32"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(overrides, key):
     with pytest.raises(ConfigError) as err:

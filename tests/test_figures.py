@@ -135,7 +135,8 @@ def test_lr_sweep_draws_accuracy_only_for_classification(results):
 def test_grouping_finds_what_varies_and_aggregates_seeds(results):
     dln = select(load_runs([results / "paper-gaussian_regression"]), norm__name=["none", "batchnorm"], optim__lr=1e-6)
     assert len(dln) == 4
-    assert varying_keys(dln) == ["norm.kind", "norm.name", "seed"] or "seed" in varying_keys(dln)
+    # the norm and its own fields (none has no eps or momentum), and the seed
+    assert varying_keys(dln) == ["norm.eps", "norm.kind", "norm.momentum", "norm.name", "seed"]
     groups = group_runs(dln, ["norm.name"])
     assert list(groups) == [("batchnorm",), ("none",)] and all(len(g) == 2 for g in groups.values())
     stats = aggregate([r.series("train/loss") for r in groups[("none",)]])

@@ -41,7 +41,8 @@ class Missing:
     def need(self, runs: list[Run], what: str, **conditions) -> list[Run]:
         chosen = select(runs, **conditions)
         if not chosen:
-            self.items.append(f"{what} ({', '.join(f'{k.replace(chr(95) * 2, chr(46))}={v}' for k, v in conditions.items())})")
+            keys = ", ".join(f"{key.replace('__', '.')}={value}" for key, value in conditions.items())
+            self.items.append(f"{what} ({keys})")
         return chosen
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -68,8 +69,9 @@ class Run:
     metrics: pd.DataFrame
     summary: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def flat(self) -> dict[str, object]:
+        """The config as ``{"optim.lr": 0.1, ...}``; computed once, as selecting runs reads it per key."""
         return flatten(self.config)
 
     def get(self, key: str, default=None):
@@ -125,6 +127,12 @@ def find_run_dirs(patterns: Iterable[str | Path]) -> list[Path]:
                     if path.is_file() and ".hydra" not in path.parts:
                         found.add(path.parent)
     return sorted(found)
+
+
+def committed_result_dirs(repo: Path) -> list[Path]:
+    """The result sets kept in the repository: ``results/<scale>-<data>/``, not the scratch ``results/runs/``
+    nor the drawn ``results/figures/``."""
+    return [p for p in sorted((repo / "results").glob("*")) if p.is_dir() and p.name not in ("runs", "figures")]
 
 
 def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:

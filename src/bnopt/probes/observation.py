@@ -1,10 +1,10 @@
 """What every measurement shares: it must observe the run and change nothing.
 
 :func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
-no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags, every buffer,
-and the global random-number state (CPU and the model's CUDA device). Inside, :meth:`Observation.replay`
-rewinds the random state before each forward pass, so that every pass of one measurement sees the same
-random draws (dropout masks, or anything else drawn from torch's global generator).
+no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags,
+every buffer, and the global random-number state (CPU and the model's CUDA device). Inside,
+:meth:`Observation.replay` rewinds the random state before each forward pass, so that every pass of one
+measurement sees the same random draws (dropout masks, or anything else drawn from torch's global generator).
 
 Parameters and ``.grad`` fields are never written by the measurements, except by the ICS probe's
 simulated optimiser step, which restores them itself (:func:`simulate_optimizer_step`).
