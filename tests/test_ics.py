@@ -9,7 +9,7 @@ from torch import nn
 
 from bnopt.models import Block, ChainModel, dln, mlp, vgg
 from bnopt.norms import NoiseSpec, norm_factory, set_noise_step
-from bnopt.probes import measure_ics
+from bnopt.probes import ics_gradients, measure_ics
 
 # --- a 3-layer linear network, by hand ----------------------------------------------------------------
 # out = ((X W1^T) W2^T + b2) W3^T,   L = 0.5 * sum (out - Y)^2
@@ -162,6 +162,7 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     model = ThreeLinear(w)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     assert [r["layer"] for r in measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[2, 1])] == [1, 2]
+    assert measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[]) == []
     with pytest.raises(IndexError, match="3 layers"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[3])
 
@@ -184,10 +185,10 @@ def small_problem(kind: str, norm: str, noise: bool = False, seed: int = 0):
     return model, sum_squares, (torch.randn(50, 6), torch.randn(50, 6))
 
 
-def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[float, float]]:
-    """One full forward and backward per layer on deep copies: the naive scheme, sharing no code with
-    the library. G' for layer i comes from a copy whose layers before i hold the copied optimiser's
-    stepped values."""
+def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[list, list]]:
+    """(G, G') of every layer by one full forward and backward per layer on deep copies: the naive scheme,
+    sharing no code with the library. G' for layer i comes from a copy whose layers before i hold the
+    copied optimiser's stepped values."""
     x, y = batch
 
     def gradients(m):
@@ -218,11 +219,14 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[floa
             for k in range(i):
                 for p, new in zip(shifted.blocks[k].parameters(), stepped_model.blocks[k].parameters()):
                     p.copy_(new)
-        g2 = gradients(shifted)[i]
-        a = torch.cat([t.flatten() for t in g[i]]).double()
-        b = torch.cat([t.flatten() for t in g2]).double()
-        out.append((float((a - b).norm()), min(1.0, max(-1.0, float(a @ b / (a.norm() * b.norm()))))))
+        out.append((g[i], gradients(shifted)[i]))
     return out
+
+
+def l2_and_cos(g, g_shifted) -> tuple[float, float]:
+    a = torch.cat([t.flatten() for t in g]).double()
+    b = torch.cat([t.flatten() for t in g_shifted]).double()
+    return float((a - b).norm()), float(a @ b / (a.norm() * b.norm()))
 
 
 CASES = [("vgg", "batchnorm", False), ("vgg", "none", False), ("vgg", "batchnorm", True), ("mlp", "batchnorm", False),
@@ -237,9 +241,17 @@ def test_ics_is_bit_for_bit_the_naive_scheme(kind, norm, noise):
     optimizer.zero_grad()
     loss_fn(model(batch[0]), batch[1]).backward()
     optimizer.step()  # momentum buffers exist
-    fast = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    fast = ics_gradients(model, loss_fn, batch, optimizer, model.layer_params())
     naive = brute_force_ics(model, loss_fn, batch, optimizer, step=3)
-    assert [(r["l2"], r["cos"]) for r in fast] == naive
+    assert list(fast) == list(range(model.num_layers))
+    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive):
+        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    measured = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    for m, pair in zip(measured, naive, strict=True):
+        l2, cos = l2_and_cos(*pair)
+        assert m["l2"] == pytest.approx(l2, rel=1e-12)
+        assert m["cos"] == pytest.approx(min(cos, 1.0), rel=1e-12)
 
 
 @pytest.mark.parametrize("kind, norm, noise", [("vgg", "batchnorm", True), ("dln", "none", True), ("mlp", "batchnorm", False)])

@@ -56,6 +56,33 @@ def test_quadratic_along_the_gradient_matches_the_closed_form(batched):
     assert result["eta"] == ETAS
 
 
+class SummedWeights(nn.Module):
+    """L = c (a + b + sum(v)) with c the sum of the inputs: linear in the weights, so the gradient is c
+    everywhere and moves by nothing. Autograd hands a and b one shared gradient tensor and v a broadcast
+    view of it, so a probe that wrote into the gradients it gets back would see them change under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+        self.b = nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        self.v = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, inputs):
+        return inputs.sum() * (self.a + self.b + self.v.sum())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_gradients_that_autograd_shares_or_broadcasts(batched):
+    c, n_weights, start = 1.5, 6, 7.0  # start = a + b + sum(v)
+    result = probe_landscape(SummedWeights(), loss_is_output, (torch.full((3,), 0.5, dtype=torch.float64), None),
+                             ETAS, batched=batched)
+    assert result["grad_diff"] == [0.0] * len(ETAS)
+    assert result["beta"] == 0.0
+    assert result["grad_norm"] == pytest.approx(c * n_weights ** 0.5, rel=1e-12)
+    for loss, eta in zip(result["loss"], ETAS):
+        assert loss == pytest.approx(c * (start - eta * c * n_weights), rel=1e-12)  # every weight moves by eta c
+
+
 def test_beta_is_the_rayleigh_quotient_when_the_gradient_is_an_eigenvector():
     """In general beta = ||A g|| / ||g||; along an eigenvector it is the Rayleigh quotient g^T A g / g^T g."""
     a, _, q, eigenvalues = quadratic()

@@ -6,12 +6,13 @@ Both are pure observations; see their docstrings and the README for the exact de
 """
 
 from bnopt.probes.activations import ActivationRecorder
-from bnopt.probes.ics import measure_ics
+from bnopt.probes.ics import ics_gradients, measure_ics
 from bnopt.probes.landscape import probe_landscape
 from bnopt.probes.loop import PROBES, ActivationProbe, ICSProbe, LandscapeProbe, Probe, build_probes
 
 __all__ = [
     "measure_ics",
+    "ics_gradients",
     "probe_landscape",
     "ActivationRecorder",
     "Probe",

@@ -8,9 +8,9 @@ all on the same batch, with train-mode normalisation on batch statistics.
 
 The E evaluations run one after another, or batched with ``torch.func.vmap`` (``batched=True``). Which
 is faster depends on the model and device (measured by ``scripts/benchmark.py``): on CPU the batched
-form pays for the deep linear network (1.1-1.4x), is within 5% for the MLP and loses for VGG
-(0.8-0.9x), so ``batched="auto"`` picks it for conv-free models on CPU. The two agree to float rounding,
-not bit for bit.
+form pays for the deep linear network (1.6-1.8x), is within 10% either way for the MLP and loses for
+VGG (0.7-1.0x), so ``batched="auto"`` picks it for conv-free models on CPU. The two agree to float
+rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bnopt.norms import NoisyNorm
-from bnopt.probes.observation import current_gradient, flat_norm, loss_at, observation, parameters_at
+from bnopt.probes.observation import current_gradient, loss_at, observation, parameters_at
 
 
 def probe_landscape(
@@ -59,19 +59,23 @@ def probe_landscape(
         g = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
         d = g if direction is None else direction
         evaluate = _evaluate_batched if batched else _evaluate_loop
-        losses, grads_at = evaluate(model, loss_fn, batch, obs, named, d, etas)
-    d_norm = flat_norm(d)
-    grad_diff = [_distance(g, grad) for grad in grads_at]
+        losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
+    grad_diff = _combined_norms(diff_norms)
+    grad_norm, d_norm = _combined_norms(torch.stack([_per_tensor_norms(g), _per_tensor_norms(d)]))
     beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
-    return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": flat_norm(g)}
+    return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": grad_norm}
 
 
-def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """||a - b||_2 over all tensors. The difference of two float32 gradients is exact or within half an ulp
-    of itself (far below the gradients' own rounding), so it is taken in their dtype; only the per-tensor
-    norms are combined in float64."""
-    norms = torch._foreach_norm(torch._foreach_sub(list(a), list(b)))
-    return float(torch.stack(norms).double().norm())
+def _per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(list(tensors)))
+
+
+def _combined_norms(rows: torch.Tensor) -> list[float]:
+    """The norm of each vector whose per-tensor norms (in the tensors' dtype) make one row, combined in
+    float64. No concatenation and a handful of ops: a small model's probe is dominated by per-op costs.
+    (The difference of two float32 gradients is exact or within half an ulp of itself, far below the
+    gradients' own rounding, so it needs no float64 either.)"""
+    return rows.double().norm(dim=1).tolist()
 
 
 def vmap_pays(model: nn.Module) -> bool:
@@ -81,20 +85,28 @@ def vmap_pays(model: nn.Module) -> bool:
     return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) for m in model.modules())
 
 
-def _evaluate_loop(model, loss_fn, batch, obs, named, d, etas):
+def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):
+    """Losses at w - eta_k d and the per-tensor norms of grad L(w - eta_k d) - g, one row per eta."""
     params = [p for _, p in named]
     values = [p.detach() for p in params]
-    losses, grads = [], []
-    for eta in etas:
-        moved = torch._foreach_add(values, d, alpha=-eta)  # w - eta * d in one pass
-        with parameters_at(dict(zip(params, moved))):
+    # One set of weights for every eta, refilled in place: for the small MLP, fresh tensors per eta
+    # measured slower (each is a new 400 KB allocation, interleaved with the passes' own).
+    moved = [torch.empty_like(v) for v in values]
+    losses, diff_norms = [], []
+    with parameters_at(dict(zip(params, moved))):
+        for eta in etas:
+            torch._foreach_copy_(moved, values)
+            torch._foreach_add_(moved, d, alpha=-eta)  # w - eta * d
             loss = loss_at(model, loss_fn, batch, obs)
-            grads.append(torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True))
-        losses.append(float(loss.detach()))
-    return losses, grads
+            grad = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+            # Not in place: autograd may hand back a broadcast view (a parameter used through .sum()).
+            diff_norms.append(_per_tensor_norms(torch._foreach_sub(list(grad), g)))
+            losses.append(float(loss.detach()))
+    return losses, torch.stack(diff_norms)
 
 
-def _evaluate_batched(model, loss_fn, batch, obs, named, d, etas):
+def _evaluate_batched(model, loss_fn, batch, obs, named, g, d, etas):
+    """As :func:`_evaluate_loop`, the E evaluations batched by ``vmap``."""
     inputs, targets = batch
     names = [name for name, _ in named]
     eta = torch.tensor(etas, dtype=d[0].dtype, device=d[0].device)
@@ -106,4 +118,6 @@ def _evaluate_batched(model, loss_fn, batch, obs, named, d, etas):
 
     obs.replay()
     grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of), randomness="same")(stacked)
-    return [float(v) for v in losses], [[grads[name][k] for name in names] for k in range(len(etas))]
+    diff_norms = torch.stack([(grads[name] - gp).reshape(len(etas), -1).norm(dim=1) for name, gp in zip(names, g)],
+                             dim=1)
+    return [float(v) for v in losses], diff_norms

@@ -34,16 +34,22 @@ class Observation:
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
+    if not torch.cuda.is_initialized():  # no tensor can be on a GPU yet; skips walking every tensor
+        return []
     return sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
 
 
 @contextlib.contextmanager
 def observation(model: nn.Module) -> Iterator[Observation]:
     modules = list(model.modules())
-    modes = [m.training for m in modules]
-    tracking = {m: m.track_running_stats for m in modules if hasattr(m, "track_running_stats")}
+    # Only modules not already training are switched (and back): setting a module attribute goes through
+    # Module.__setattr__, microseconds each, and between backward and step every module is training anyway.
+    in_eval = [m for m in modules if not m.training]
     # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
-    # buffers are saved and put back, whatever it does with them.
+    # buffers are saved and put back, whatever it does with them. (Found with `vars`: a failed `hasattr`
+    # on a module costs microseconds, which adds up for small models; a switch defined some other way
+    # only sends its module down the save-and-restore path.)
+    tracking = {m: m.track_running_stats for m in modules if "track_running_stats" in vars(m)}
     buffers = [(b, b.detach().clone()) for m in modules if m not in tracking for b in m.buffers(recurse=False)]
     devices = _cuda_devices(model)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -51,7 +57,7 @@ def observation(model: nn.Module) -> Iterator[Observation]:
         try:
             # measurements in full fp32, whatever the training run allows
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            for m in modules:
+            for m in in_eval:
                 m.training = True
             for m in tracking:
                 m.track_running_stats = False
@@ -59,8 +65,8 @@ def observation(model: nn.Module) -> Iterator[Observation]:
                 yield Observation(devices)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-            for m, mode in zip(modules, modes):
-                m.training = mode
+            for m in in_eval:
+                m.training = False
             for m, flag in tracking.items():
                 m.track_running_stats = flag
             with torch.no_grad():
@@ -149,24 +155,3 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
         for group, saved in zip(optimizer.param_groups, saved_groups):
             group.update(saved)
 
-
-def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The concatenation of ``tensors`` as one float64 vector."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors]).double()
-
-
-def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """The Euclidean norm of the concatenation of ``tensors``, in float64."""
-    return float(flat(tensors).norm())
-
-
-def flat_distance(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """||concat(a) - concat(b)||_2, differences taken in float64."""
-    return float((flat(a) - flat(b)).norm())
-
-
-def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """cos(concat(a), concat(b)), clipped to [-1, 1] (rounding can overshoot by an ulp)."""
-    va, vb = flat(a), flat(b)
-    norms = va.norm() * vb.norm()
-    return min(1.0, max(-1.0, float(va @ vb / norms))) if norms > 0 else float("nan")
