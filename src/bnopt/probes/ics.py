@@ -24,7 +24,7 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    current_gradient, loss_at, observation, parameters_at, simulate_optimizer_step,
+    current_gradient, loss_at, observation, parameters_at, per_tensor_norms, simulate_optimizer_step,
 )
 
 
@@ -96,7 +96,7 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     a = torch.cat([t.reshape(-1) for g, _ in pairs for t in g]).double()
     b = torch.cat([t.reshape(-1) for _, g_shifted in pairs for t in g_shifted]).double()
     a_parts, b_parts = a.split(sizes), b.split(sizes)
-    l2, norm_a, norm_b = (torch.stack(torch._foreach_norm(list(v))) for v in ((a - b).split(sizes), a_parts, b_parts))
+    l2, norm_a, norm_b = (per_tensor_norms(v) for v in ((a - b).split(sizes), a_parts, b_parts))
     dots = torch.stack([x @ y for x, y in zip(a_parts, b_parts)])
     out = []
     for l2_i, dot, na, nb in torch.stack([l2, dots, norm_a, norm_b], dim=1).tolist():

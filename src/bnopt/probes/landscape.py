@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bnopt.norms import NoisyNorm
-from bnopt.probes.observation import current_gradient, loss_at, observation, parameters_at
+from bnopt.probes.observation import current_gradient, loss_at, observation, parameters_at, per_tensor_norms
 
 
 def probe_landscape(
@@ -61,13 +61,10 @@ def probe_landscape(
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
     grad_diff = _combined_norms(diff_norms)
-    grad_norm, d_norm = _combined_norms(torch.stack([_per_tensor_norms(g), _per_tensor_norms(d)]))
+    norms = _combined_norms(torch.stack([per_tensor_norms(v) for v in ([g] if direction is None else [g, d])]))
+    grad_norm, d_norm = norms[0], norms[-1]
     beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": grad_norm}
-
-
-def _per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(list(tensors)))
 
 
 def _combined_norms(rows: torch.Tensor) -> list[float]:
@@ -100,7 +97,7 @@ def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):
             loss = loss_at(model, loss_fn, batch, obs)
             grad = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
             # Not in place: autograd may hand back a broadcast view (a parameter used through .sum()).
-            diff_norms.append(_per_tensor_norms(torch._foreach_sub(list(grad), g)))
+            diff_norms.append(per_tensor_norms(torch._foreach_sub(list(grad), g)))
             losses.append(float(loss.detach()))
     return losses, torch.stack(diff_norms)
 

@@ -155,3 +155,7 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
         for group, saved in zip(optimizer.param_groups, saved_groups):
             group.update(saved)
 
+
+def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The norm of each tensor, stacked into one vector (one foreach op, not one per tensor)."""
+    return torch.stack(torch._foreach_norm(list(tensors)))
