@@ -3,10 +3,13 @@
     python scripts/benchmark.py                 # CPU, all sections (about 10 minutes on 2 cores)
     python scripts/benchmark.py --device cuda   # on a GPU (VGG-16 at full width)
     python scripts/benchmark.py --only probes --models dln_bn vgg11
+    python scripts/benchmark.py --only flops    # FLOP counts alone (half a minute)
 
 Costs are multiples of one bare training step (forward + backward + SGD step) of the same model and batch.
 Each ratio is the median over rounds that time a step, the measured thing and another step back to back,
 because absolute times drift on shared machines (here by up to 2x) while ratios taken together do not.
+The same probe calls are also counted in conv and matmul FLOPs, at the paper's width: the ratio that times
+approach wherever those products dominate the time (large models on a GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -37,7 +41,7 @@ from bnopt.probes.observation import observation  # noqa: E402
 @dataclass
 class Setting:
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[[float | None], nn.Module]  # VGG's width multiplier, None for the setting's own
     batch: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]]
     loss_fn: Callable
     lr: float
@@ -55,24 +59,24 @@ def settings(device: torch.device) -> dict[str, Setting]:
     dln_loss = sum_squared_loss(0.5)
     vgg_etas = [0.05, 0.1, 0.2, 0.4]
     return {
-        "mlp_bn": Setting("MLP 784-100x3-10, BN, batch 60", lambda: models.mlp(norm_factory("batchnorm")),
+        "mlp_bn": Setting("MLP 784-100x3-10, BN, batch 60", lambda width: models.mlp(norm_factory("batchnorm")),
                           lambda d: (torch.randn(60, 1, 28, 28, device=d), torch.randint(0, 10, (60,), device=d)),
                           nn.functional.cross_entropy, 0.5, [0.25, 0.5, 1.0, 2.0], [3],
                           ["model=mlp", "data=fashion_mnist", "norm=batchnorm"]),
-        "dln_none": Setting("DLN 25x(10x10), no norm, full batch 1000", lambda: models.dln(norm_factory("none")),
+        "dln_none": Setting("DLN 25x(10x10), no norm, full batch 1000", lambda width: models.dln(norm_factory("none")),
                             lambda d: (torch.randn(1000, 10, device=d), torch.randn(1000, 10, device=d)),
                             dln_loss, 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 3e-5], [1, 11, 24],
                             ["+experiment=dln_bn", "norm=none", "probes=none"]),
-        "dln_bn": Setting("DLN 25x(10x10), BN, full batch 1000", lambda: models.dln(norm_factory("batchnorm")),
+        "dln_bn": Setting("DLN 25x(10x10), BN, full batch 1000", lambda width: models.dln(norm_factory("batchnorm")),
                           lambda d: (torch.randn(1000, 10, device=d), torch.randn(1000, 10, device=d)),
                           dln_loss, 1e-6, [1e-8, 1e-7, 1e-6, 1e-5, 3e-5], [1, 11, 24],
                           ["+experiment=dln_bn", "probes=none"]),
         "vgg11": Setting(f"VGG-11 width {vgg_width:g}, BN, batch 128, 32x32",
-                         lambda: models.vgg(norm_factory("batchnorm"), depth=11, width=vgg_width),
+                         lambda width: models.vgg(norm_factory("batchnorm"), depth=11, width=width or vgg_width),
                          image_batch(128, 3, 32), nn.functional.cross_entropy, 0.1, vgg_etas, [2, 3, 8],
                          ["+experiment=vgg_bn", "model.depth=11", f"model.width={vgg_width}"]),
         "vgg16": Setting(f"VGG-16 width {vgg_width:g}, BN, batch 128, 32x32",
-                         lambda: models.vgg(norm_factory("batchnorm"), depth=16, width=vgg_width),
+                         lambda width: models.vgg(norm_factory("batchnorm"), depth=16, width=width or vgg_width),
                          image_batch(128, 3, 32), nn.functional.cross_entropy, 0.1, vgg_etas, [2, 3, 9, 11, 13],
                          ["+experiment=vgg_bn", f"model.width={vgg_width}"]),
     }
@@ -150,10 +154,13 @@ class Hidden(nn.Module):
         return self.inner(x)
 
 
-def probe_costs(s: Setting, device: torch.device, rounds: int) -> dict[str, float]:
+def prepared(s: Setting, device: torch.device, vgg_width: float | None = None, samples: int | None = None):
+    """(model, batch, step) of a setting, after one step, which leaves ``.grad`` of this batch as between
+    backward and step in the loop. Optionally at another VGG width or on the batch's first ``samples``."""
     torch.manual_seed(0)
-    model = s.build().to(device)
-    batch = s.batch(device)
+    model = s.build(vgg_width).to(device)
+    inputs, targets = s.batch(device)
+    batch = (inputs[:samples], targets[:samples])
     optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
 
     def step():
@@ -161,23 +168,36 @@ def probe_costs(s: Setting, device: torch.device, rounds: int) -> dict[str, floa
         s.loss_fn(model(batch[0]), batch[1]).backward()
         optimizer.step()
 
-    step()  # leaves .grad of this batch, as between backward and step in the loop
+    step()
+    return model, batch, optimizer, step
+
+
+def probe_calls(s: Setting, model, batch, optimizer) -> dict[str, Callable]:
+    """Each measured probe call, by its column in the table."""
     layers = model.layer_params()
+    return {
+        "ics_all_layers": lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers, use_grad_fields=True),
+        "ics_all_layers_computing_G": lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers),
+        "ics_general_path": lambda: measure_ics(Hidden(model), s.loss_fn, batch, optimizer, layers,
+                                                use_grad_fields=True),
+        "ics_suffix_floor": ics_suffix_floor(model, s.loss_fn, batch, layers),
+        "ics_naive": lambda: naive_ics(model, s.loss_fn, batch, optimizer, layers),
+        "landscape_loop": lambda: probe_landscape(model, s.loss_fn, batch, s.etas, use_grad_fields=True,
+                                                  batched=False),
+        "landscape_vmap": lambda: probe_landscape(model, s.loss_fn, batch, s.etas, use_grad_fields=True,
+                                                  batched=True),
+    }
+
+
+SLOW_CALLS = ("ics_general_path", "ics_naive")  # timed over a third of the rounds
+
+
+def probe_costs(s: Setting, device: torch.device, rounds: int) -> dict[str, float]:
+    model, batch, optimizer, step = prepared(s, device)
     out = {"step_ms": 1e3 * statistics.median(timed(step, device) for _ in range(10))}
-    out["ics_all_layers"] = ratio(lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers,
-                                                      use_grad_fields=True), step, device, rounds)
-    out["ics_all_layers_computing_G"] = ratio(lambda: measure_ics(model, s.loss_fn, batch, optimizer, layers),
-                                              step, device, rounds)
-    out["ics_general_path"] = ratio(lambda: measure_ics(Hidden(model), s.loss_fn, batch, optimizer, layers,
-                                                        use_grad_fields=True), step, device, max(3, rounds // 3))
-    out["ics_suffix_floor"] = ratio(ics_suffix_floor(model, s.loss_fn, batch, layers), step, device, rounds)
-    out["ics_naive"] = ratio(lambda: naive_ics(model, s.loss_fn, batch, optimizer, layers), step, device,
-                             max(3, rounds // 3))
+    for key, call in probe_calls(s, model, batch, optimizer).items():
+        out[key] = ratio(call, step, device, max(3, rounds // 3) if key in SLOW_CALLS else rounds)
     out["landscape_etas"] = len(s.etas)
-    for batched in (False, True):
-        key = "landscape_vmap" if batched else "landscape_loop"
-        out[key] = ratio(lambda: probe_landscape(model, s.loss_fn, batch, s.etas, use_grad_fields=True,
-                                                 batched=batched), step, device, rounds)
     recorder = ActivationRecorder(model, s.activation_layers, seed=0, quantiles=[0.15, 0.5, 0.85], bins=50,
                                   log=lambda *a, **k: None)
 
@@ -188,6 +208,22 @@ def probe_costs(s: Setting, device: torch.device, rounds: int) -> dict[str, floa
     out["activations_extra"] = ratio(step_recorded, step, device, rounds) - 1
     recorder.remove()
     return out
+
+
+def flop_costs(s: Setting, device: torch.device, samples: int = 8) -> dict[str, float]:
+    """Conv and matmul FLOPs of each probe as multiples of a step's, at the paper's width (VGG width 1):
+    the ratio times tend to where those products dominate (large models on a GPU). Counted on ``samples``
+    samples of the batch: these FLOPs are proportional to the batch size."""
+    model, batch, optimizer, step = prepared(s, device, vgg_width=1.0, samples=samples)
+
+    def flops(call: Callable) -> int:
+        with FlopCounterMode(display=False) as counter:
+            call()
+        return counter.get_total_flops()
+
+    per_step = flops(step)
+    return {key: flops(call) / per_step for key, call in probe_calls(s, model, batch, optimizer).items()
+            if key != "landscape_vmap"}  # the same products as the loop, batched
 
 
 def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> dict[str, float]:
@@ -227,7 +263,7 @@ def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> 
             """The bare loop; with ``fetch``, it also gathers a fresh shuffled batch each step, as any real
             loop must (ours does it with index_select from the tensor data set)."""
             torch.manual_seed(0)
-            model = s.build().to(device)
+            model = s.build(None).to(device)
             optimizer = torch.optim.SGD(model.parameters(), lr=s.lr)
             x, y, size = data.train_x, data.train_y, cfg.train.batch_size
             order = torch.randperm(len(x), device=device)
@@ -266,7 +302,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"])
-    parser.add_argument("--only", choices=["probes", "loop"], default=None)
+    parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
@@ -282,9 +318,11 @@ def main() -> None:
     for key in args.models:
         s = table[key]
         entry = results["models"][key] = {"setting": s.name}
-        if args.only != "loop":
+        if args.only in (None, "probes"):
             entry.update(probe_costs(s, device, args.rounds))
-        if args.only != "probes" and key in ("mlp_bn", "dln_bn", "vgg16"):
+        if args.only in (None, "flops"):
+            entry["flops"] = flop_costs(s, device)
+        if args.only in (None, "loop") and key in ("mlp_bn", "dln_bn", "vgg16"):
             steps = {"mlp_bn": 3000, "dln_bn": 600, "vgg16": 60 if device.type == "cpu" else 600}[key]
             entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2)))
         print(json.dumps({key: entry}, indent=1), flush=True)
@@ -310,6 +348,10 @@ COLUMNS = [
 ]
 
 
+FLOP_KEYS = ("ics_all_layers", "ics_all_layers_computing_G", "ics_general_path", "ics_suffix_floor", "ics_naive",
+             "landscape_loop")
+
+
 def markdown(results: dict) -> str:
     lines = [f"device {results['device']} ({results.get('device_name', results['machine'])}), "
              f"{results['threads']} threads, torch {results['torch']}", "",
@@ -317,7 +359,16 @@ def markdown(results: dict) -> str:
              "|---" * (len(COLUMNS) + 1) + "|"]
     for entry in results["models"].values():
         cells = ["" if entry.get(key) is None else fmt.format(entry[key]) for key, _, fmt in COLUMNS]
-        lines.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
+        if any(cells):  # not with --only flops
+            lines.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
+    counted = {key: entry["flops"] for key, entry in results["models"].items() if "flops" in entry}
+    if counted:
+        flop_columns = [(key, title) for key, title, _ in COLUMNS if key in FLOP_KEYS]
+        lines += ["", "Conv and matmul FLOPs as multiples of a step's, at the paper's width (VGG width 1):", "",
+                  "| model | " + " | ".join(title for _, title in flop_columns) + " |",
+                  "|---" * (len(flop_columns) + 1) + "|"]
+        for key, flops in counted.items():
+            lines.append(f"| {key} | " + " | ".join(f"{flops[k]:.2f}" for k, _ in flop_columns) + " |")
     return "\n".join(lines)
 
 

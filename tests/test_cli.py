@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from bnopt.config import ConfigError, check_against_run, check_config
 from conftest import REPO, compose_config, read_rows, run_cli, train_run

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bnopt.models import Block, ChainModel, dln, mlp, vgg
 from bnopt.norms import NoiseSpec, norm_factory, set_noise_step
@@ -170,6 +171,17 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
 # --- the paper's networks -------------------------------------------------------------------------------
 
 
+class HiddenChain(nn.Module):
+    """Hides a ChainModel's structure, so that measure_ics takes its general path."""
+
+    def __init__(self, inner: ChainModel):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def small_problem(kind: str, norm: str, noise: bool = False, seed: int = 0):
     """(model, loss_fn, batch) for a small instance of each of the paper's networks."""
     torch.manual_seed(seed)
@@ -258,17 +270,9 @@ def test_ics_is_bit_for_bit_the_naive_scheme(kind, norm, noise):
 def test_shared_prefix_and_general_paths_agree_bit_for_bit(kind, norm, noise):
     model, loss_fn, batch = small_problem(kind, norm, noise)
 
-    class Wrapped(nn.Module):  # hides the chain structure: the general path runs
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x)
-
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3 if kind == "dln" else 0.1)
     chain = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
-    general = measure_ics(Wrapped(model), loss_fn, batch, optimizer, model.layer_params())
+    general = measure_ics(HiddenChain(model), loss_fn, batch, optimizer, model.layer_params())
     assert chain == general
 
 
@@ -288,3 +292,29 @@ def test_layers_before_i_without_update_give_no_shift(kind, norm, noise):
     optimizer.param_groups[0]["lr"] = 0.1
     (moved,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[i])
     assert moved["l2"] > 0  # and the same layer does shift once the prefix moves
+
+
+def test_work_of_each_scheme_in_closed_form():
+    """The shared-prefix scheme does exactly its work: a K-layer linear chain (no norm), counted in matrix
+    products of one layer on the batch (forward, input gradient or weight gradient: 2 n d^2 FLOPs each).
+    Shared prefix: the moved prefix once (K-1), then for layer i the suffix forward (K-i) and a backward
+    that stops at layer i (its weight gradient and the K-1-i input gradients after it): K^2 - 1 in all.
+    The general path runs the whole net forward per layer: 3K(K-1)/2. Computing G adds one step (3K-1).
+    Results are equal either way, so only this count shows which scheme ran and that backwards stop."""
+    depth, dim, n = 6, 4, 8
+    torch.manual_seed(0)
+    model = dln(norm_factory("none"), dim=dim, depth=depth)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    batch = (torch.randn(n, dim), torch.randn(n, dim))
+    sum_squares(model(batch[0]), batch[1]).backward()
+
+    def products(measured_model, **kwargs) -> float:
+        with FlopCounterMode(display=False) as counter:
+            measure_ics(measured_model, sum_squares, batch, optimizer, model.layer_params(), **kwargs)
+        return counter.get_total_flops() / (2 * n * dim * dim)
+
+    step = 3 * depth - 1
+    assert products(model, use_grad_fields=True) == depth**2 - 1
+    assert products(model) == depth**2 - 1 + step
+    assert products(HiddenChain(model), use_grad_fields=True) == 3 * depth * (depth - 1) / 2
+    assert products(model, which=[3], use_grad_fields=True) == 3 + 2 * (depth - 3)  # prefix, suffix, backward

@@ -1,0 +1,33 @@
+"""scripts/benchmark.py runs, and its FLOP columns count what their titles say: for the K-layer deep linear
+network every count has a closed form in matrix products of one layer on the batch (a step is 3K - 1:
+K forward, K weight gradients, K - 1 input gradients). Its timings are not tested (they vary by machine)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
+    out = tmp_path / "benchmark.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "flops",
+                             "--models", "dln_none", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| dln_none | 8.43 |" in result.stdout  # the markdown table the README quotes
+    flops = json.loads(out.read_text())["models"]["dln_none"]["flops"]
+    k = 25
+    step = 3 * k - 1
+    assert flops == {
+        # the moved prefix once (K-1), then per layer i the suffix forward (K-i) and back to layer i (K-i)
+        "ics_all_layers": pytest.approx((k - 1 + k * (k - 1)) / step),
+        "ics_all_layers_computing_G": pytest.approx((k - 1 + k * (k - 1)) / step + 1),
+        "ics_general_path": pytest.approx(3 * k * (k - 1) / 2 / step),  # the whole net forward per layer
+        "ics_suffix_floor": pytest.approx(k * (k - 1) / step),
+        # G, then per layer i (from 0) the whole net forward and back to layer i, with every weight gradient
+        "ics_naive": pytest.approx((step + 2 * k * k) / step),
+        "landscape_loop": pytest.approx(5.0),  # E = 5 full steps' products
+    }
