@@ -155,8 +155,8 @@ class Hidden(nn.Module):
 
 
 def prepared(s: Setting, device: torch.device, vgg_width: float | None = None, samples: int | None = None):
-    """(model, batch, step) of a setting, after one step, which leaves ``.grad`` of this batch as between
-    backward and step in the loop. Optionally at another VGG width or on the batch's first ``samples``."""
+    """(model, batch, optimizer, step) of a setting, after one step, which leaves ``.grad`` of this batch as
+    between backward and step in the loop. Optionally at another VGG width or on the batch's first ``samples``."""
     torch.manual_seed(0)
     model = s.build(vgg_width).to(device)
     inputs, targets = s.batch(device)

@@ -7,10 +7,10 @@ At weights w with batch gradient g and a direction d (g unless given), for each 
 all on the same batch, with train-mode normalisation on batch statistics.
 
 The E evaluations run one after another, or batched with ``torch.func.vmap`` (``batched=True``). Which
-is faster depends on the model and device (measured by ``scripts/benchmark.py``): on CPU the batched
-form pays for the deep linear network (1.6-1.8x), is within 10% either way for the MLP and loses for
-VGG (0.7-1.0x), so ``batched="auto"`` picks it for conv-free models on CPU. The two agree to float
-rounding, not bit for bit.
+is faster depends on the model and device (measured by ``scripts/benchmark.py``, ratios in the README):
+on CPU the batched form pays for the deep linear network, is about even for the MLP (either way round
+between runs) and loses for VGG, so ``batched="auto"`` picks it for conv-free models on CPU. The two
+agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
