@@ -146,7 +146,7 @@ def test_a_requeued_job_on_another_device_or_thread_count_is_the_same_run(tmp_pa
     assert again["status"] == "completed"  # recognised as finished, not refused and not re-run
 
 
-# --- GPU options, on any machine (their validation: test_cli) ---------------------------------------------------------------
+# --- GPU options, on any machine (their validation: test_cli) ------------------------------------------
 
 
 def test_channels_last_computes_the_same_network(tmp_path, cifar_root):
