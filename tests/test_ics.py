@@ -197,11 +197,13 @@ def small_problem(kind: str, norm: str, noise: bool = False, seed: int = 0):
     return model, sum_squares, (torch.randn(50, 6), torch.randn(50, 6))
 
 
-def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[list, list]]:
+def brute_force_ics(model, loss_fn, batch, optimizer, step=0, layers_of=ChainModel.layer_params) -> list[tuple[list, list]]:
     """(G, G') of every layer by one full forward and backward per layer on deep copies: the naive scheme,
     sharing no code with the library. G' for layer i comes from a copy whose layers before i hold the
-    copied optimiser's stepped values."""
+    copied optimiser's stepped values. ``layers_of(m)`` groups a copy's parameters; every pass starts from
+    the random state of the call, as the measurement's passes do (dropout masks)."""
     x, y = batch
+    rng = torch.get_rng_state()
 
     def gradients(m):
         m.train()
@@ -210,8 +212,9 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[list
                 module.track_running_stats = False
         set_noise_step(m, step)
         m.zero_grad()
+        torch.set_rng_state(rng)
         loss_fn(m(x), y).backward()
-        return [[p.grad.clone() for p in block.parameters()] for block in m.blocks]
+        return [[p.grad.clone() for p in layer] for layer in layers_of(m)]
 
     base = copy.deepcopy(model)
     g = gradients(base)
@@ -221,17 +224,19 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0) -> list[tuple[list
     stepped_opt.state = {sp: copy.deepcopy(optimizer.state[p]) for p, sp in zip(model.parameters(),
                                                                                  stepped_model.parameters())
                          if p in optimizer.state}
-    for p, grad in zip(stepped_model.parameters(), [t for layer in g for t in layer]):
-        p.grad = grad.clone()
+    for p, base_p in zip(stepped_model.parameters(), base.parameters()):
+        p.grad = base_p.grad.clone()
     stepped_opt.step()
+    torch.set_rng_state(rng)
     out = []
-    for i in range(model.num_layers):
+    for i in range(len(layers_of(model))):
         shifted = copy.deepcopy(model)
         with torch.no_grad():
             for k in range(i):
-                for p, new in zip(shifted.blocks[k].parameters(), stepped_model.blocks[k].parameters()):
+                for p, new in zip(layers_of(shifted)[k], layers_of(stepped_model)[k]):
                     p.copy_(new)
         out.append((g[i], gradients(shifted)[i]))
+    torch.set_rng_state(rng)
     return out
 
 
@@ -294,6 +299,59 @@ def test_layers_before_i_without_update_give_no_shift(kind, norm, noise):
     assert moved["l2"] > 0  # and the same layer does shift once the prefix moves
 
 
+# --- models the repo has never seen: nn.Sequential ---------------------------------------------------------
+
+
+def small_sequential(seed: int = 0) -> nn.Sequential:
+    """Conv/BN/ReLU with dropout before and after layer boundaries, and a nested Sequential."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.3),
+        nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout2d(0.2)),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(8, 10),
+    )
+
+
+def sequential_layers(m: nn.Sequential) -> list[list[nn.Parameter]]:
+    """A conv and its BN form one layer; the nested block is one layer."""
+    return [[*m[0].parameters(), *m[1].parameters()], list(m[4].parameters()), list(m[6].parameters()),
+            list(m[11].parameters())]
+
+
+def reversed_layers(m: nn.Sequential) -> list[list[nn.Parameter]]:
+    """Layers not in forward order: "before layer i" is then not a prefix of the network."""
+    return sequential_layers(m)[::-1]
+
+
+def double_the_output(module, inputs, output):
+    return 2 * output
+
+
+@pytest.mark.parametrize("variant", ["plain", "reversed layers", "hooked container"])
+def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
+    """An nn.Sequential takes the shared-prefix path, which must give the naive scheme's G and G' exactly:
+    the dropout masks differ between draws, so this holds only if every suffix starts from the random
+    state a full pass has there. Layers out of forward order, or a hook on the container (which calling
+    the stages one by one would skip), must send it down the general path and still be exact."""
+    model = small_sequential()
+    layers_of = reversed_layers if variant == "reversed layers" else sequential_layers
+    if variant == "hooked container":
+        model.register_forward_hook(double_the_output)
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # momentum buffers exist
+    fast = ics_gradients(model, loss_fn, batch, optimizer, layers_of(model))
+    naive = brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of)
+    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    assert any(not torch.equal(a, b) for g, g_shifted in fast.values() for a, b in zip(g, g_shifted))
+
+
 def test_work_of_each_scheme_in_closed_form():
     """The shared-prefix scheme does exactly its work: a K-layer linear chain (no norm), counted in matrix
     products of one layer on the batch (forward, input gradient or weight gradient: 2 n d^2 FLOPs each).
@@ -308,9 +366,9 @@ def test_work_of_each_scheme_in_closed_form():
     batch = (torch.randn(n, dim), torch.randn(n, dim))
     sum_squares(model(batch[0]), batch[1]).backward()
 
-    def products(measured_model, **kwargs) -> float:
+    def products(measured_model, layers=model.layer_params(), **kwargs) -> float:
         with FlopCounterMode(display=False) as counter:
-            measure_ics(measured_model, sum_squares, batch, optimizer, model.layer_params(), **kwargs)
+            measure_ics(measured_model, sum_squares, batch, optimizer, layers, **kwargs)
         return counter.get_total_flops() / (2 * n * dim * dim)
 
     step = 3 * depth - 1
@@ -318,3 +376,10 @@ def test_work_of_each_scheme_in_closed_form():
     assert products(model) == depth**2 - 1 + step
     assert products(HiddenChain(model), use_grad_fields=True) == 3 * depth * (depth - 1) / 2
     assert products(model, which=[3], use_grad_fields=True) == 3 + 2 * (depth - 3)  # prefix, suffix, backward
+    # The same chain as an nn.Sequential (partly nested) takes the same path. With the layers listed in
+    # reverse it takes the general one: for index i, the whole net forward and a backward to linear K-1-i.
+    linears = [block.weight for block in model.blocks]
+    sequential = nn.Sequential(*linears[:2], nn.Sequential(*linears[2:]))
+    assert products(sequential, use_grad_fields=True) == depth**2 - 1
+    assert products(sequential, layers=model.layer_params()[::-1], use_grad_fields=True) == sum(
+        depth + 1 + i for i in range(1, depth))

@@ -9,9 +9,12 @@ Reported: ||G - G'||_2 and cos(G, G').
 Two ways to compute G', bit-for-bit equal (tested):
   - any model: one forward pass per layer with the prefix moved to W(t+1), and a
     backward that stops at layer i (``autograd.grad`` w.r.t. layer i's parameters only);
-  - a :class:`~bnopt.models.ChainModel` whose ``layers`` are its blocks: the forward of the updated
-    prefix is shared (layer i's prefix is layer i-1's plus one block, run once), and for each layer only
-    the old-weight suffix from layer i runs forward and back.
+  - a chain — a :class:`~bnopt.models.ChainModel` or an ``nn.Sequential`` (nested ones flattened), with
+    neither ``forward`` overridden nor hooks on the containers — whose ``layers`` each lie in consecutive
+    stages, in forward order: the forward of the updated prefix is shared (layer i's prefix is layer
+    i-1's plus the stages in between, run once), and for each layer only the old-weight suffix from the
+    stage where layer i begins runs forward and back. Each suffix starts from the random state a full pass
+    has at that stage, so dropout draws the same masks as in the first way.
 Layer 0 has no prefix, so G' = G there by definition and nothing is recomputed.
 """
 
@@ -76,8 +79,10 @@ def ics_gradients(
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
         updated = simulate_optimizer_step(optimizer, params, grads)
         by_param = dict(zip(params, grads))
-        if _is_chain_of(model, layers):
-            shifted = _shifted_gradients_chain(model, loss_fn, batch, layers, which, updated)
+        stages = _stages(model)
+        starts = _layer_starts(stages, layers) if stages is not None else None
+        if starts is not None:
+            shifted = _shifted_gradients_chain(stages, starts, loss_fn, batch, obs, layers, which, updated)
         else:
             shifted = _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated)
     pairs = {}
@@ -106,14 +111,41 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     return out
 
 
-def _is_chain_of(model: nn.Module, layers: list[list[nn.Parameter]]) -> bool:
-    """Whether ``model`` is a plain ChainModel and ``layers`` are exactly its blocks' parameters."""
-    if not isinstance(model, ChainModel) or type(model).forward is not ChainModel.forward:
-        return False
-    blocks = model.layer_params()
-    return len(blocks) == len(layers) and all(
-        len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(blocks, layers)
-    )
+def _stages(model: nn.Module) -> list[nn.Module] | None:
+    """The modules whose composition is ``model``'s forward, nested chains flattened; None unless
+    ``model`` is a plain ChainModel or nn.Sequential. A container with hooks is not plain: calling its
+    stages one by one would skip them."""
+    if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks:
+        return None
+    if isinstance(model, ChainModel) and type(model).forward is ChainModel.forward:
+        children = list(model.blocks)
+    elif isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
+        children = list(model)
+    else:
+        return None
+    stages = []
+    for child in children:
+        stages.extend(_stages(child) or [child])
+    return stages
+
+
+def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> list[int] | None:
+    """The stage where each layer begins, if every layer's parameters lie in stages after the previous
+    layer's (so that the stages before layer i hold no parameter of a later layer); None otherwise, or if a
+    parameter is shared between stages or used by none."""
+    stage_of: dict[nn.Parameter, int] = {}
+    for k, stage in enumerate(stages):
+        for p in stage.parameters():
+            if stage_of.setdefault(p, k) != k:
+                return None
+    starts, previous_end = [], -1
+    for layer in layers:
+        found = [stage_of.get(p) for p in layer]
+        if not found or None in found or min(found) <= previous_end:
+            return None
+        starts.append(min(found))
+        previous_end = max(found)
+    return starts
 
 
 def _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated) -> dict[int, list]:
@@ -127,19 +159,24 @@ def _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated) -
     return shifted
 
 
-def _shifted_gradients_chain(model: ChainModel, loss_fn, batch, layers, which, updated) -> dict[int, list]:
+def _shifted_gradients_chain(stages, starts, loss_fn, batch, obs, layers, which, updated) -> dict[int, list]:
     inputs, targets = batch
-    needed = {i for i in which if i > 0}
-    blocks = list(model.blocks)
     shifted = {}
-    h = inputs  # the output of the updated prefix so far: layer i's prefix is layer i-1's plus one block
-    for i in range(1, max(needed, default=0) + 1):
-        with torch.no_grad(), parameters_at({p: updated[p] for p in blocks[i - 1].parameters()}):
-            h = blocks[i - 1](h)
-        if i in needed:
-            out = h
-            for block in blocks[i:]:  # the old-weight suffix, from layer i
-                out = block(out)
-            shifted[i] = list(torch.autograd.grad(loss_fn(out, targets), layers[i], allow_unused=True,
-                                                  materialize_grads=True))
+    obs.replay()
+    h, done = inputs, 0  # the output of stages[:done], every listed parameter in them moved to W(t+1)
+    for i in which:
+        if i == 0:
+            continue
+        with torch.no_grad():
+            for stage in stages[done:starts[i]]:
+                with parameters_at({p: updated[p] for p in stage.parameters() if p in updated}):
+                    h = stage(h)
+        done = starts[i]
+        at_start = obs.position()
+        out = h
+        for stage in stages[starts[i]:]:  # the old-weight suffix, from where layer i begins
+            out = stage(out)
+        shifted[i] = list(torch.autograd.grad(loss_fn(out, targets), layers[i], allow_unused=True,
+                                              materialize_grads=True))
+        obs.rewind(at_start)  # the prefix goes on from here
     return shifted

@@ -23,14 +23,22 @@ from torch import nn
 class Observation:
     def __init__(self, devices: list[int]):
         self._devices = devices
-        self._cpu_state = torch.get_rng_state()
-        self._cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        self._start = self.position()
+
+    def position(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The global random state now (CPU and the model's CUDA devices)."""
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._devices]
+
+    def rewind(self, position: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        """Set the global random state back to ``position``."""
+        cpu, cuda = position
+        torch.set_rng_state(cpu)
+        for device, state in zip(self._devices, cuda):
+            torch.cuda.set_rng_state(state, device)
 
     def replay(self) -> None:
         """Rewind the global random state to where the measurement started."""
-        torch.set_rng_state(self._cpu_state)
-        for device, state in zip(self._devices, self._cuda_states):
-            torch.cuda.set_rng_state(state, device)
+        self.rewind(self._start)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
