@@ -352,6 +352,31 @@ def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     assert any(not torch.equal(a, b) for g, g_shifted in fast.values() for a, b in zip(g, g_shifted))
 
 
+class AddInPlace(nn.Module):
+    """A layer that writes into its input, as in-place modules do."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(features, dtype=torch.float64))
+
+    def forward(self, x):
+        return x.add_(self.bias)
+
+
+def test_a_stage_writing_into_its_input_does_not_corrupt_the_shared_prefix():
+    """Layer 1 adds its bias to the prefix output in place; the prefix of layer 2 must not build on that."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), AddInPlace(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    layers_of = lambda m: [list(m[0].parameters()), list(m[1].parameters()), list(m[3].parameters())]  # noqa: E731
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fast = ics_gradients(model, sum_squares, batch, optimizer, layers_of(model))
+    naive = brute_force_ics(model, sum_squares, batch, optimizer, layers_of=layers_of)
+    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+
+
 def test_work_of_each_scheme_in_closed_form():
     """The shared-prefix scheme does exactly its work: a K-layer linear chain (no norm), counted in matrix
     products of one layer on the batch (forward, input gradient or weight gradient: 2 n d^2 FLOPs each).

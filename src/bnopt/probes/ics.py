@@ -172,11 +172,15 @@ def _shifted_gradients_chain(stages, starts, loss_fn, batch, obs, layers, which,
                 with parameters_at({p: updated[p] for p in stage.parameters() if p in updated}):
                     h = stage(h)
         done = starts[i]
-        at_start = obs.position()
+        at_start, version = obs.position(), h._version
         out = h
         for stage in stages[starts[i]:]:  # the old-weight suffix, from where layer i begins
             out = stage(out)
         shifted[i] = list(torch.autograd.grad(loss_fn(out, targets), layers[i], allow_unused=True,
                                               materialize_grads=True))
-        obs.rewind(at_start)  # the prefix goes on from here
+        if h._version == version:
+            obs.rewind(at_start)  # the prefix goes on from here
+        else:  # a stage wrote into its input in place: the next prefix starts again from the inputs
+            obs.replay()
+            h, done = inputs, 0
     return shifted
