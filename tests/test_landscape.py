@@ -160,10 +160,14 @@ def assert_same(before, after):
 
 @pytest.mark.parametrize("noise", [False, True])
 @pytest.mark.parametrize("eval_mode", [False, True])
-def test_probes_change_nothing_and_repeat_exactly(noise, eval_mode):
+@pytest.mark.parametrize("make_optimizer", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=1e-3),
+], ids=["sgd", "adam"])
+def test_probes_change_nothing_and_repeat_exactly(noise, eval_mode, make_optimizer):
     model, loss_fn, batch = small_problem("vgg", "batchnorm", noise=noise)
     set_noise_step(model, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    optimizer = make_optimizer(model.parameters())
     for _ in range(2):  # running statistics, momentum buffers and .grad all hold something
         optimizer.zero_grad()
         loss_fn(model(batch[0]), batch[1]).backward()

@@ -130,23 +130,25 @@ def _snapshot(value):
 def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
                             grads: Sequence[torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
     """The values ``optimizer.step()`` would give ``params`` from gradients ``grads``: the real step runs
-    (momentum, weight decay, Adam's moments, any torch optimiser that steps without a closure), then
-    parameters, ``.grad`` fields, optimiser state and hyper-parameters are put back exactly."""
+    (momentum, weight decay, Adam's moments, any torch optimiser that steps without a closure) on copies
+    of the parameters, then ``.grad`` fields, optimiser state and hyper-parameters are put back exactly.
+    The parameters' own tensors are never written."""
     owned = [p for group in optimizer.param_groups for p in group["params"]]
-    saved_values = [p.detach().clone() for p in owned]
+    saved_data = [p.data for p in owned]
     saved_grads = [p.grad for p in owned]
     saved_state = {p: {k: _snapshot(v) for k, v in s.items()} for p, s in optimizer.state.items()}
     saved_groups = [{k: _snapshot(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     given = dict(zip(params, grads))
     try:
         for p in owned:
+            p.data = p.data.clone()  # what the step writes into
             # A copy: some optimisers modify .grad in place; parameters without a gradient do not move.
             p.grad = given[p].detach().clone() if p in given else None
         optimizer.step()
-        return {p: p.detach().clone() for p in params}
+        return {p: p.detach() for p in params}
     finally:
-        for p, value, grad in zip(owned, saved_values, saved_grads):
-            p.copy_(value)
+        for p, data, grad in zip(owned, saved_data, saved_grads):
+            p.data = data
             p.grad = grad
         for p in list(optimizer.state):
             if p not in saved_state:
