@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from bnopt.norms import set_noise_step
-from bnopt.probes import measure_ics, probe_landscape
-from test_ics import small_problem
+from bnopt.probes import ics_gradients, measure_ics, probe_landscape
+from test_ics import brute_force_ics, small_problem
 
 
 class Quadratic(nn.Module):
@@ -212,6 +212,60 @@ def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
     assert result["l2"] == 0.0
     land = probe_landscape(model, loss_fn, batch, [1e-12])
     assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]  # same dropout mask at w and at w - tiny step
+
+
+class CountingScale(nn.Module):
+    """Scales by 1 + calls / 10, where ``calls`` counts its forward passes: module state that a pass changes,
+    in place, through ``.data`` (unseen by version counters) or by reassigning the buffer."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        if self.how == "in place":
+            self.calls.add_(1)
+        elif self.how == "through .data":
+            self.calls.data.add_(1)
+        else:
+            self.calls = self.calls + 1
+        return x * (1 + self.calls / 10)
+
+
+def stateful_model(kind: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    if kind == "spectral norm":  # power iteration: its vectors are buffers updated by every training pass
+        middle = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8))
+    else:
+        middle = CountingScale(kind.removeprefix("counter "))
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), middle, nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("kind", ["counter in place", "counter through .data", "counter reassigned", "spectral norm"])
+def test_every_pass_starts_from_the_same_module_state(kind):
+    """Buffers that a forward pass changes are put back before every pass and on exit, the same objects
+    holding the same values: ICS equals the brute force on fresh copies bit for bit, and a step size's
+    landscape values do not depend on which step sizes were evaluated before it."""
+    model = stateful_model(kind)
+    layers_of = lambda m: [list(m[k].parameters()) for k in (0, 2, 4) if list(m[k].parameters())]  # noqa: E731
+    batch = (torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    loss_fn = nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # momentum buffers exist
+    buffers = {name: (b, b.clone()) for name, b in model.named_buffers()}
+    fast = ics_gradients(model, loss_fn, batch, optimizer, layers_of(model))
+    naive = brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of)
+    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    both = probe_landscape(model, loss_fn, batch, [0.1, 0.2])
+    alone = probe_landscape(model, loss_fn, batch, [0.2])
+    assert (both["loss"][1], both["grad_diff"][1]) == (alone["loss"][0], alone["grad_diff"][0])
+    assert {name: b for name, b in model.named_buffers()}.keys() == buffers.keys()
+    for name, b in model.named_buffers():
+        assert b is buffers[name][0] and torch.equal(b, buffers[name][1]), name
 
 
 def test_grad_fields_give_the_same_answer_as_computing_the_gradient():

@@ -83,7 +83,9 @@ def ics_gradients(
         starts = _layer_starts(stages, layers) if stages is not None else None
         if starts is not None:
             shifted = _shifted_gradients_chain(stages, starts, loss_fn, batch, obs, layers, which, updated)
-        else:
+        if starts is None or obs.buffers_changed():
+            # A module that changes its buffers as it runs (a spectral norm's power iteration) needs every
+            # pass to start from the same state, which only the general path's full passes give.
             shifted = _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated)
     pairs = {}
     for i in which:

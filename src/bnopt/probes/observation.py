@@ -3,8 +3,9 @@
 :func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
 no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags,
 every buffer, and the global random-number state (CPU and the model's CUDA device). Inside,
-:meth:`Observation.replay` rewinds the random state before each forward pass, so that every pass of one
-measurement sees the same random draws (dropout masks, or anything else drawn from torch's global generator).
+:meth:`Observation.replay` rewinds the random state and any buffer a pass changed before each forward pass,
+so that every pass of one measurement sees the same random draws (dropout masks, or anything else drawn
+from torch's global generator) and the same module state (a spectral norm's power-iteration vectors, say).
 
 Parameters and ``.grad`` fields are never written by the measurements, except by the ICS probe's
 simulated optimiser step, which restores them itself (:func:`simulate_optimizer_step`).
@@ -20,9 +21,36 @@ import torch
 from torch import nn
 
 
+class FreeBuffers:
+    """The buffers of modules without the ``track_running_stats`` switch, which a forward pass may change
+    in place (through ``.data`` too, which version counters do not see) or by reassignment: saved on
+    entry, put back whole. The paper's networks have none."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self._saved = [(m, name, b, b.detach().clone())
+                       for m in modules for name, b in m._buffers.items() if b is not None]
+
+    def changed(self) -> bool:
+        return any(m._buffers.get(name) is not b or not torch.equal(b, saved) for m, name, b, saved in self._saved)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, name, b, saved in self._saved:
+            m._buffers[name] = b
+            b.copy_(saved)
+
+
+def has_switch(module: nn.Module) -> bool:
+    """Whether ``module`` has the ``track_running_stats`` switch (BN, Lp), which, once off, leaves its
+    buffers alone. (Found with ``vars``: a failed ``hasattr`` costs microseconds, which adds up for small
+    models; a switch defined some other way only sends its module down the save-and-restore path.)"""
+    return "track_running_stats" in vars(module)
+
+
 class Observation:
-    def __init__(self, devices: list[int]):
+    def __init__(self, devices: list[int], buffers: FreeBuffers):
         self._devices = devices
+        self._buffers = buffers
         self._start = self.position()
 
     def position(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -37,8 +65,13 @@ class Observation:
             torch.cuda.set_rng_state(state, device)
 
     def replay(self) -> None:
-        """Rewind the global random state to where the measurement started."""
+        """Rewind the global random state and every changed buffer to where the measurement started."""
         self.rewind(self._start)
+        self._buffers.restore()
+
+    def buffers_changed(self) -> bool:
+        """Whether a pass since the last :meth:`replay` changed a buffer."""
+        return self._buffers.changed()
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -54,11 +87,9 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     # Module.__setattr__, microseconds each, and between backward and step every module is training anyway.
     in_eval = [m for m in modules if not m.training]
     # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
-    # buffers are saved and put back, whatever it does with them. (Found with `vars`: a failed `hasattr`
-    # on a module costs microseconds, which adds up for small models; a switch defined some other way
-    # only sends its module down the save-and-restore path.)
-    tracking = {m: m.track_running_stats for m in modules if "track_running_stats" in vars(m)}
-    buffers = [(b, b.detach().clone()) for m in modules if m not in tracking for b in m.buffers(recurse=False)]
+    # buffers are saved and put back, whatever it does with them.
+    tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
+    buffers = FreeBuffers([m for m in modules if m not in tracking])
     devices = _cuda_devices(model)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     with torch.random.fork_rng(devices=devices):
@@ -70,16 +101,14 @@ def observation(model: nn.Module) -> Iterator[Observation]:
             for m in tracking:
                 m.track_running_stats = False
             with torch.enable_grad():
-                yield Observation(devices)
+                yield Observation(devices, buffers)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
                 m.track_running_stats = flag
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
+            buffers.restore()
 
 
 @contextlib.contextmanager
