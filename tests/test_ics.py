@@ -166,6 +166,9 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     assert measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[]) == []
     with pytest.raises(IndexError, match="3 layers"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[3])
+    model.W2.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"layers \[1\] .*requires_grad=False"):
+        measure_ics(model, sum_squares, batch, optimizer, model.layers())
 
 
 # --- the paper's networks -------------------------------------------------------------------------------

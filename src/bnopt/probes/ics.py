@@ -74,6 +74,10 @@ def ics_gradients(
     for i in which:
         if not 0 <= i < len(layers):
             raise IndexError(f"layer index {i} out of range: `layers` has {len(layers)} layers (0-based)")
+    frozen = [i for i, layer in enumerate(layers) if any(not p.requires_grad for p in layer)]
+    if frozen:
+        raise ValueError(f"layers {frozen} (0-based) hold parameters with requires_grad=False: ICS is a gradient "
+                         "w.r.t. every parameter in `layers`; leave frozen parameters out")
     params = [p for layer in layers for p in layer]
     with observation(model) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
