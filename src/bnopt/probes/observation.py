@@ -3,12 +3,12 @@
 :func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
 no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags,
 every buffer, and the global random-number state (CPU and the model's CUDA device). Inside,
-:meth:`Observation.replay` rewinds the random state and any buffer a pass changed before each forward pass,
+:meth:`Observation.replay` rewinds the random state and any buffer a pass may change before each forward pass,
 so that every pass of one measurement sees the same random draws (dropout masks, or anything else drawn
 from torch's global generator) and the same module state (a spectral norm's power-iteration vectors, say).
 
-Parameters and ``.grad`` fields are never written by the measurements, except by the ICS probe's
-simulated optimiser step, which restores them itself (:func:`simulate_optimizer_step`).
+The parameters' tensors are never written by the measurements; the ICS probe's simulated optimiser step
+points the parameters at copies and sets ``.grad``, and puts both back itself (:func:`simulate_optimizer_step`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Observation:
             torch.cuda.set_rng_state(state, device)
 
     def replay(self) -> None:
-        """Rewind the global random state and every changed buffer to where the measurement started."""
+        """Rewind the global random state and the free buffers to where the measurement started."""
         self.rewind(self._start)
         self._buffers.restore()
 
