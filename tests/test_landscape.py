@@ -268,6 +268,17 @@ def test_every_pass_starts_from_the_same_module_state(kind):
         assert b is buffers[name][0] and torch.equal(b, buffers[name][1]), name
 
 
+def test_a_graph_built_before_the_landscape_probe_still_backpropagates():
+    """The quadratic's forward saves its constant buffer A for backward; the probe must not write it."""
+    a, w, _, _ = quadratic()
+    model = Quadratic(a, w)
+    loss = model(BATCH[0])
+    probe_landscape(model, loss_is_output, BATCH, ETAS, batched=False)
+    probe_landscape(model, loss_is_output, BATCH, ETAS, batched=True)
+    loss.backward()
+    torch.testing.assert_close(model.w.grad, a @ w, rtol=1e-12, atol=0)
+
+
 def test_grad_fields_give_the_same_answer_as_computing_the_gradient():
     model, loss_fn, batch = small_problem("vgg", "batchnorm", noise=True)
     set_noise_step(model, 1)

@@ -24,7 +24,8 @@ from torch import nn
 class FreeBuffers:
     """The buffers of modules without the ``track_running_stats`` switch, which a forward pass may change
     in place (through ``.data`` too, which version counters do not see) or by reassignment: saved on
-    entry, put back whole. The paper's networks have none."""
+    entry, put back where they differ. Compared, not copied blindly: writing an unchanged buffer would bump
+    its version counter and break a graph the caller built before measuring. The paper's networks have none."""
 
     def __init__(self, modules: Sequence[nn.Module]):
         self._saved = [(m, name, b, b.detach().clone())
@@ -36,8 +37,10 @@ class FreeBuffers:
     @torch.no_grad()
     def restore(self) -> None:
         for m, name, b, saved in self._saved:
-            m._buffers[name] = b
-            b.copy_(saved)
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            if not torch.equal(b, saved):
+                b.copy_(saved)
 
 
 def has_switch(module: nn.Module) -> bool:
