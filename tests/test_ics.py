@@ -243,6 +243,14 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0, layers_of=ChainMod
     return out
 
 
+def assert_bit_for_bit(fast: dict, naive: list) -> None:
+    """ics_gradients' (G, G') of every layer equal the brute force's, tensor by tensor, bit for bit."""
+    assert len(fast) == len(naive)
+    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive):
+        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+
+
 def l2_and_cos(g, g_shifted) -> tuple[float, float]:
     a = torch.cat([t.flatten() for t in g]).double()
     b = torch.cat([t.flatten() for t in g_shifted]).double()
@@ -264,9 +272,7 @@ def test_ics_is_bit_for_bit_the_naive_scheme(kind, norm, noise):
     fast = ics_gradients(model, loss_fn, batch, optimizer, model.layer_params())
     naive = brute_force_ics(model, loss_fn, batch, optimizer, step=3)
     assert list(fast) == list(range(model.num_layers))
-    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive):
-        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
-        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    assert_bit_for_bit(fast, naive)
     measured = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
     for m, pair in zip(measured, naive, strict=True):
         l2, cos = l2_and_cos(*pair)
@@ -349,9 +355,7 @@ def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     optimizer.step()  # momentum buffers exist
     fast = ics_gradients(model, loss_fn, batch, optimizer, layers_of(model))
     naive = brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of)
-    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
-        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    assert_bit_for_bit(fast, naive)
     assert any(not torch.equal(a, b) for g, g_shifted in fast.values() for a, b in zip(g, g_shifted))
 
 
@@ -375,9 +379,7 @@ def test_a_stage_writing_into_its_input_does_not_corrupt_the_shared_prefix():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     fast = ics_gradients(model, sum_squares, batch, optimizer, layers_of(model))
     naive = brute_force_ics(model, sum_squares, batch, optimizer, layers_of=layers_of)
-    for (g, g_shifted), (g_naive, g_shifted_naive) in zip(fast.values(), naive, strict=True):
-        assert all(torch.equal(x, y) for x, y in zip(g, g_naive, strict=True))
-        assert all(torch.equal(x, y) for x, y in zip(g_shifted, g_shifted_naive, strict=True))
+    assert_bit_for_bit(fast, naive)
 
 
 def test_work_of_each_scheme_in_closed_form():
