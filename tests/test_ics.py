@@ -232,11 +232,12 @@ def brute_force_ics(model, loss_fn, batch, optimizer, step=0, layers_of=ChainMod
     stepped_opt.step()
     torch.set_rng_state(rng)
     out = []
-    for i in range(len(layers_of(model))):
+    stepped_layers = layers_of(stepped_model)
+    for i in range(len(stepped_layers)):
         shifted = copy.deepcopy(model)
         with torch.no_grad():
-            for k in range(i):
-                for p, new in zip(layers_of(shifted)[k], layers_of(stepped_model)[k]):
+            for layer, stepped in zip(layers_of(shifted)[:i], stepped_layers):
+                for p, new in zip(layer, stepped):
                     p.copy_(new)
         out.append((g[i], gradients(shifted)[i]))
     torch.set_rng_state(rng)

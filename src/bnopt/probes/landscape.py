@@ -22,7 +22,7 @@ from torch import nn
 
 from bnopt.norms import NoisyNorm
 from bnopt.probes.observation import (
-    current_gradient, has_switch, loss_at, observation, parameters_at, per_tensor_norms,
+    current_gradient, has_free_buffers, loss_at, observation, parameters_at, per_tensor_norms,
 )
 
 
@@ -82,8 +82,7 @@ def vmap_pays(model: nn.Module) -> bool:
     convolutions. Noisy layers draw from their own generator, which ``vmap`` cannot batch, and buffers
     outside normalisation's switch may change as a pass runs, which the loop puts back between passes."""
     on_cpu = all(not p.is_cuda for p in model.parameters())
-    return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) or (m._buffers and not has_switch(m))
-                              for m in model.modules())
+    return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) or has_free_buffers(m) for m in model.modules())
 
 
 def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):

@@ -29,7 +29,7 @@ class FreeBuffers:
 
     def __init__(self, modules: Sequence[nn.Module]):
         self._saved = [(m, name, b, b.detach().clone())
-                       for m in modules for name, b in m._buffers.items() if b is not None]
+                       for m in modules if has_free_buffers(m) for name, b in m._buffers.items() if b is not None]
 
     def changed(self) -> bool:
         return any(m._buffers.get(name) is not b or not torch.equal(b, saved) for m, name, b, saved in self._saved)
@@ -48,6 +48,11 @@ def has_switch(module: nn.Module) -> bool:
     buffers alone. (Found with ``vars``: a failed ``hasattr`` costs microseconds, which adds up for small
     models; a switch defined some other way only sends its module down the save-and-restore path.)"""
     return "track_running_stats" in vars(module)
+
+
+def has_free_buffers(module: nn.Module) -> bool:
+    """Whether ``module`` has buffers of its own that a forward pass may change: any, without the switch."""
+    return bool(module._buffers) and not has_switch(module)
 
 
 class Observation:
@@ -92,7 +97,7 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
     # buffers are saved and put back, whatever it does with them.
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
-    buffers = FreeBuffers([m for m in modules if m not in tracking])
+    buffers = FreeBuffers(modules)
     devices = _cuda_devices(model)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     with torch.random.fork_rng(devices=devices):
