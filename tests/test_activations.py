@@ -103,3 +103,49 @@ def test_histograms_saved_atomically_and_taken_back_up_to_a_step(tmp_path):
     resumed = ActivationRecorder(model, [1, 2], seed=0, quantiles=[0.5], bins=6, log=Rows())
     resumed.load(path, before_step=20)
     assert [r["step"] for r in resumed.records] == [0, 0, 10, 10]
+
+
+def test_non_finite_values_are_counted_and_the_histogram_spans_the_finite_ones(tmp_path):
+    """A run on its way to diverging: inputs with inf make the unit's values inf or NaN in those rows."""
+    torch.manual_seed(0)
+    model = mlp(norm_factory("none"), in_features=3, hidden=[4])
+    rows = Rows()
+    recorder = ActivationRecorder(model, [1], seed=0, quantiles=[0.5], bins=5, log=rows)
+    x = torch.randn(10, 3)
+    x[[2, 7]] = float("inf")
+    recorder.arm(0)
+    model(x)  # raised in np.histogram before
+    values = model.layer(1).weight(x)[:, recorder.units[1]].detach().double()
+    finite = values[torch.isfinite(values)].numpy()
+    assert len(finite) == 8
+    record = recorder.records[0]
+    assert record["nonfinite"] == 2 and record["counts"].sum() == 8
+    expected_counts, expected_edges = np.histogram(finite, bins=5)
+    assert (record["counts"] == expected_counts).all() and np.array_equal(record["edges"], expected_edges)
+    assert not np.isfinite(rows.value("act/mean", 1))  # the metrics say what happened; nothing is dropped
+
+    recorder.arm(1)
+    model(torch.full((6, 3), float("nan")))
+    record = recorder.records[1]
+    assert record["nonfinite"] == 6 and record["counts"].sum() == 0 and np.isnan(record["edges"]).all()
+
+    path = tmp_path / "activations.npz"
+    recorder.save(path)
+    with np.load(path) as saved:
+        assert saved["nonfinite"].tolist() == [2, 6]
+    resumed = ActivationRecorder(model, [1], seed=0, quantiles=[0.5], bins=5, log=Rows())
+    resumed.load(path, before_step=2)
+    assert [r["nonfinite"] for r in resumed.records] == [2, 6]
+
+
+def test_histograms_written_before_non_finite_counts_load_with_none(tmp_path):
+    path = tmp_path / "activations.npz"
+    np.savez_compressed(path, step=np.array([0, 10]), layer=np.array([1, 1]), unit=np.array([0, 0]),
+                        counts=np.ones((2, 5), dtype=np.int64), edges=np.tile(np.linspace(0, 1, 6), (2, 1)))
+    recorder = ActivationRecorder(mlp(norm_factory("none"), in_features=3, hidden=[4]), [1], seed=0,
+                                  quantiles=[0.5], bins=5, log=Rows())
+    recorder.load(path, before_step=20)
+    assert [r["nonfinite"] for r in recorder.records] == [0, 0]
+    recorder.save(path)
+    with np.load(path) as saved:
+        assert saved["nonfinite"].tolist() == [0, 0]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bnopt.figures import FIGURES, Missing, draw, fig_lr_sweep
+from bnopt.figures import FIGURES, Missing, density_image, draw, fig_lr_sweep
 from bnopt.results import RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, compose_config
@@ -103,6 +103,26 @@ def test_missing_runs_are_named_and_the_rest_is_drawn(results, tmp_path):
     assert any("missing" in m and "VGG" in m and "norm.name=none" in m for m in messages), messages
     assert draw("8", [r for r in runs if r.get("model.name") != "dln"], tmp_path, warn=messages.append) == []
     assert any("no runs of dln" in m for m in messages)
+
+
+
+def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tmp_path):
+    run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
+    clean_ax, with_nan_ax = plt.figure().gca(), plt.figure().gca()
+    assert density_image(clean_ax, load_runs([run_dir]), 1, "clean")
+    path = run_dir / "activations.npz"
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    # what the probe writes when every value of the unit was NaN or inf (a diverging run's last step)
+    arrays["step"], arrays["layer"] = np.append(arrays["step"], 10_000), np.append(arrays["layer"], 1)
+    arrays["unit"] = np.append(arrays["unit"], 0)
+    arrays["counts"] = np.vstack([arrays["counts"], np.zeros((1, arrays["counts"].shape[1]), dtype=int)])
+    arrays["edges"] = np.vstack([arrays["edges"], np.full((1, arrays["edges"].shape[1]), np.nan)])
+    np.savez_compressed(path, **arrays)
+    assert density_image(with_nan_ax, load_runs([run_dir]), 1, "with a NaN row")
+    clean, with_nan = clean_ax.get_images()[0], with_nan_ax.get_images()[0]
+    assert np.array_equal(clean.get_array(), with_nan.get_array()) and clean.get_extent() == with_nan.get_extent()
+    plt.close("all")
 
 
 def test_one_figure_per_result_set(results, tmp_path):

@@ -2,6 +2,7 @@
 force with copied models for the paper's networks, and the lr-0 prefix that must give zero shift."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -169,6 +170,22 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     model.W2.requires_grad_(False)
     with pytest.raises(ValueError, match=r"layers \[1\] .*requires_grad=False"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers())
+
+
+
+def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
+    """float32, out = W2 W1 x, L = out_0 - out_1: the loss is 6e28, but G of W2 is h_0 - h_1 = 6e38, past
+    float32's range, so G and G' hold inf: ||G - G'|| and cos(G, G') are NaN (min/max clipping made -1)."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[1].weight.copy_(torch.tensor([[1e-10, 0.0]]))
+    x = torch.tensor([[3e38, 0.0], [-3e38, 0.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-30)  # W1[0, 0] moves from 1 to 0.94
+    layers = [[model[0].weight], [model[1].weight]]
+    first, second = measure_ics(model, lambda out, y: out[0].sum() - out[1].sum(), (x, None), optimizer, layers)
+    assert (first["l2"], first["cos"]) == (0.0, 1.0)  # G' = G for the first layer, finite
+    assert math.isnan(second["l2"]) and math.isnan(second["cos"])
 
 
 # --- the paper's networks -------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """probe_landscape against the closed form on a quadratic, and both probes as pure observations."""
 
+import math
 import random
 
 import numpy as np
@@ -105,6 +106,29 @@ def test_quadratic_along_a_given_direction(batched):
         assert result["grad_diff"][k] == pytest.approx(float(eta * (a @ d).norm()), rel=1e-10)
     assert result["beta"] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-10)
     assert result["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+
+
+class CancellingExponentials(nn.Module):
+    """L(w) = 0.5 w^2 + (e^w - e^w): gradient w, until e^w overflows float32 (w > 88.7) and both are NaN."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+    def forward(self, inputs):
+        return 0.5 * self.w ** 2 + (self.w.exp() - self.w.exp())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("etas", [[0.5, 100.0], [100.0, 0.5]])
+def test_an_evaluation_that_overflows_makes_beta_undefined_in_any_order(batched, etas):
+    """At w = -1 (g = -1), eta = 0.5 lands on w = -0.5 (grad_diff 0.5, ratio 1); eta = 100 on w = 99, where
+    the gradient is NaN. Python's max skipped the NaN when it came second: beta was 1.0 for one order."""
+    result = probe_landscape(CancellingExponentials(-1.0), loss_is_output, BATCH, etas, batched=batched)
+    by_eta = dict(zip(result["eta"], result["grad_diff"]))
+    assert by_eta[0.5] == 0.5 and math.isnan(by_eta[100.0])
+    assert math.isnan(result["beta"])
+    assert probe_landscape(CancellingExponentials(-1.0), loss_is_output, BATCH, [0.5], batched=batched)["beta"] == 1.0
 
 
 def test_bad_arguments_are_refused():

@@ -3,6 +3,7 @@ divergence as a result, the experiments' overrides, and the real loaders through
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,6 +116,22 @@ def test_divergence_is_a_result(tmp_path):
     assert read_rows(tmp_path)[0].startswith("0,train/loss,")
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "diverged"
+
+
+
+def test_a_run_diverging_under_every_probe_is_still_a_result(tmp_path):
+    """At lr 1 the DLN's step-1 forward overflows: the activation probe sees NaN before the loss is checked
+    (np.histogram raised, so the run ended "failed"), and at step 0 ICS's moved prefix already overflows."""
+    summary = train_run(tmp_path, "+experiment=dln_bn", "norm=none", ALL_PROBES, "scale.dln.probe_every=1",
+                        "optim.lr=1.0", "scale=smoke")
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 1
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    cos = metrics[metrics.name == "ics/cos"]
+    assert cos.step.tolist() == [0, 0] and cos.value.isna().all()  # undefined, not clipped to -1
+    with np.load(tmp_path / "activations.npz") as saved:
+        last = saved["step"] == 1
+        assert last.sum() == 3 and (saved["nonfinite"][last] + saved["counts"][last].sum(axis=1) == 1000).all()
+        assert saved["nonfinite"][last].max() == 1000
 
 
 def test_unnormalised_vgg_at_lr_half_diverges_or_is_stuck_but_does_not_crash(tmp_path, cifar_root):

@@ -91,10 +91,12 @@ def density_image(ax, runs: list[Run], layer: int, title: str) -> bool:
     """The histograms of ``activations.npz`` as an image: step across, activation value up, density as
     colour, each step scaled to its own peak so that narrow and wide distributions both show (first seed)."""
     saved = runs[0].activations() if runs else None
-    if saved is None or not (saved["layer"] == layer).any():
+    # a measurement whose values were all NaN or inf (a run diverging) has no histogram to show
+    drawable = (saved["layer"] == layer) & np.isfinite(saved["edges"]).all(axis=1) if saved is not None else None
+    if saved is None or not drawable.any():
         ax.set_title(f"{title}: no histograms")
         return False
-    rows = np.flatnonzero(saved["layer"] == layer)
+    rows = np.flatnonzero(drawable)
     steps, counts, edges = saved["step"][rows], saved["counts"][rows], saved["edges"][rows]
     low, high = np.percentile(edges[:, 0], 5), np.percentile(edges[:, -1], 95)
     grid = np.linspace(low, high, 121)

@@ -45,7 +45,7 @@ class ActivationRecorder:
         self.step = 0
         self.armed: set[int] = set()
         self.units: dict[int, int] = {}
-        self.records: list[dict] = []  # one per (step, layer): counts and edges of the histogram
+        self.records: list[dict] = []  # one per (step, layer): the histogram and the non-finite count
         self._hooks = []
         for k in layers:
             block = model.layer(k)
@@ -75,8 +75,15 @@ class ActivationRecorder:
             self.log(self.step, quantile_name(q), value, layer=layer)
         self.log(self.step, "act/mean", float(values.mean()), layer=layer)
         self.log(self.step, "act/var", float(values.var(unbiased=False)), layer=layer)
-        counts, edges = np.histogram(values.numpy(), bins=self.bins)
-        self.records.append({"step": self.step, "layer": layer, "counts": counts, "edges": edges})
+        # The histogram spans the finite values (NumPy cannot bin an infinite range) and the rest are
+        # counted: a run on its way to diverging must not crash here before its loss is checked.
+        finite = values[torch.isfinite(values)].numpy()
+        if finite.size:
+            counts, edges = np.histogram(finite, bins=self.bins)
+        else:
+            counts, edges = np.zeros(self.bins, dtype=np.int64), np.full(self.bins + 1, np.nan)
+        self.records.append({"step": self.step, "layer": layer, "counts": counts, "edges": edges,
+                             "nonfinite": values.numel() - finite.size})
 
     def save(self, path: Path) -> None:
         """Write all histograms so far to ``path`` (npz), atomically."""
@@ -88,6 +95,7 @@ class ActivationRecorder:
             unit=np.array([self.units[r["layer"]] for r in self.records], dtype=np.int64),
             counts=np.array([r["counts"] for r in self.records], dtype=np.int64).reshape(-1, self.bins),
             edges=np.array([r["edges"] for r in self.records], dtype=np.float64).reshape(-1, self.bins + 1),
+            nonfinite=np.array([r["nonfinite"] for r in self.records], dtype=np.int64),
         )
         os.replace(tmp, path)
 
@@ -96,9 +104,11 @@ class ActivationRecorder:
         if not path.exists():
             return
         with np.load(path) as saved:
+            # files written before non-finite values were counted have no such array: they had none
+            nonfinite = saved["nonfinite"] if "nonfinite" in saved.files else np.zeros(len(saved["step"]), np.int64)
             self.records = [
-                {"step": int(s), "layer": int(k), "counts": c, "edges": e}
-                for s, k, c, e in zip(saved["step"], saved["layer"], saved["counts"], saved["edges"])
+                {"step": int(s), "layer": int(k), "counts": c, "edges": e, "nonfinite": int(n)}
+                for s, k, c, e, n in zip(saved["step"], saved["layer"], saved["counts"], saved["edges"], nonfinite)
                 if s < before_step
             ]
 

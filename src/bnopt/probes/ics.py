@@ -20,6 +20,7 @@ Layer 0 has no prefix, so G' = G there by definition and nothing is recomputed.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -111,8 +112,11 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     dots = torch.stack([x @ y for x, y in zip(a_parts, b_parts)])
     out = []
     for l2_i, dot, na, nb in torch.stack([l2, dots, norm_a, norm_b], dim=1).tolist():
-        # clipped: rounding can overshoot by an ulp
-        cos = min(1.0, max(-1.0, dot / (na * nb))) if na > 0 and nb > 0 else float("nan")
+        cos = dot / (na * nb) if na > 0 and nb > 0 else float("nan")
+        if math.isfinite(cos):
+            cos = min(1.0, max(-1.0, cos))  # rounding can overshoot by an ulp
+        else:  # a gradient that overflowed (inf / inf): undefined, and min/max would turn NaN into -1
+            cos = float("nan")
         out.append((l2_i, cos))
     return out
 

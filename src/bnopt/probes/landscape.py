@@ -15,6 +15,7 @@ agree to float rounding, not bit for bit.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -65,8 +66,17 @@ def probe_landscape(
     grad_diff = _combined_norms(diff_norms)
     norms = _combined_norms(torch.stack([per_tensor_norms(v) for v in ([g] if direction is None else [g, d])]))
     grad_norm, d_norm = norms[0], norms[-1]
-    beta = max(diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)) if d_norm > 0 else float("nan")
+    beta = _effective_beta(grad_diff, etas, d_norm)
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": grad_norm}
+
+
+def _effective_beta(grad_diff: list[float], etas: list[float], d_norm: float) -> float:
+    """max_k grad_diff[k] / (eta_k ||d||); NaN when any term is undefined (a pass that overflowed, or a
+    zero or overflowed direction), which Python's ``max`` would skip or not depending on its position."""
+    if not 0 < d_norm < math.inf:
+        return math.nan
+    ratios = [diff / (eta * d_norm) for diff, eta in zip(grad_diff, etas)]
+    return math.nan if any(math.isnan(r) for r in ratios) else max(ratios)
 
 
 def _combined_norms(rows: torch.Tensor) -> list[float]:

@@ -103,7 +103,7 @@ class LandscapeProbe(Probe):
 
 class ActivationProbe(Probe):
     """``act/q*``, ``act/mean``, ``act/var`` of one random unit per layer #k, from the training forward
-    pass; histograms in ``activations.npz`` (arrays ``step``, ``layer``, ``unit``, ``counts``, ``edges``)."""
+    pass; histograms in ``activations.npz`` (arrays ``step``, ``layer``, ``unit``, ``counts``, ``edges``, ``nonfinite``)."""
 
     name = "activations"
     FILE = "activations.npz"
