@@ -79,6 +79,14 @@ def ics_gradients(
     if frozen:
         raise ValueError(f"layers {frozen} (0-based) hold parameters with requires_grad=False: ICS is a gradient "
                          "w.r.t. every parameter in `layers`; leave frozen parameters out")
+    layer_of: dict[nn.Parameter, int] = {}
+    for i, layer in enumerate(layers):
+        for p in layer:
+            if p in layer_of:
+                where = f"twice in layer {i}" if layer_of[p] == i else f"in layers {layer_of[p]} and {i}"
+                raise ValueError(f"a parameter appears {where} (0-based): each parameter belongs to one layer "
+                                 "(one listed in two would be both moved with the prefix and held at W(t))")
+            layer_of[p] = i
     params = [p for layer in layers for p in layer]
     with observation(model) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
