@@ -5,7 +5,9 @@ steps its input to the non-linearity — the output of the layer's norm module, 
 BN, or of the weight layer where the block has no norm — is summarised over the batch (and the spatial
 positions of a conv layer): quantiles, mean, variance, and a histogram. Forward hooks collect it during
 the training forward pass itself, so it costs no extra pass; each hook records the first pass of an armed
-step only, so measurement passes of other probes are never mistaken for training.
+step only, so measurement passes of other probes are never mistaken for training. Values that are NaN or
+inf (a run about to diverge: the hooks see the forward pass before its loss is checked) enter the
+statistics as they are and are counted beside the histogram, which spans the finite ones.
 """
 
 from __future__ import annotations
