@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -52,3 +54,33 @@ def read_rows(run_dir: Path, prefixes: tuple[str, ...] = ("train/", "test/")) ->
     """The metrics.csv rows whose name starts with one of ``prefixes``, as text."""
     lines = (run_dir / "metrics.csv").read_text().splitlines()[1:]
     return [line for line in lines if line.split(",")[1].startswith(prefixes)]
+
+
+def snapshot(model, optimizer) -> dict:
+    """Everything a pure observation must leave as it found it."""
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                  for i, p in enumerate(model.parameters())},
+        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "modes": [m.training for m in model.modules()],
+        "tracking": [m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")],
+        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1].copy(), "python_rng": random.getstate(),
+    }
+
+
+def assert_same(before, after):
+    for key in ("params", "buffers"):
+        assert all(torch.equal(x, y) for x, y in zip(before[key], after[key])), key
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(before["grads"], after["grads"]))
+    assert before["state"].keys() == after["state"].keys()
+    for i in before["state"]:
+        assert before["state"][i].keys() == after["state"][i].keys()
+        for k in before["state"][i]:
+            assert torch.equal(torch.as_tensor(before["state"][i][k]), torch.as_tensor(after["state"][i][k]))
+    assert before["groups"] == after["groups"] and before["modes"] == after["modes"]
+    assert before["tracking"] == after["tracking"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert np.array_equal(before["numpy_rng"], after["numpy_rng"]) and before["python_rng"] == after["python_rng"]

@@ -3,6 +3,7 @@ force with copied models for the paper's networks, and the lr-0 prefix that must
 
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bnopt.models import Block, ChainModel, dln, mlp, vgg
 from bnopt.norms import NoiseSpec, norm_factory, set_noise_step
 from bnopt.probes import ics_gradients, measure_ics
+from conftest import assert_same, snapshot
 
 # --- a 3-layer linear network, by hand ----------------------------------------------------------------
 # out = ((X W1^T) W2^T + b2) W3^T,   L = 0.5 * sum (out - Y)^2
@@ -379,6 +381,87 @@ def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     naive = brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of)
     assert_bit_for_bit(fast, naive)
     assert any(not torch.equal(a, b) for g, g_shifted in fast.values() for a, b in zip(g, g_shifted))
+
+
+
+# --- random nn.Sequential models: architectures and optimisers no test above spells out -----------------
+
+
+def random_sequential(seed: int) -> tuple[nn.Sequential, list[list[int]], torch.Tensor]:
+    """An MLP or a small conv net of random blocks — weight layer, maybe BN or LayerNorm, ReLU (in place or
+    not) or a smooth activation, maybe pooling and dropout, some blocks nested — sometimes with a linear
+    layer used twice (a shared parameter: the general path). Returns the model, its parameter-holding
+    modules (positions among the flattened modules) grouped into consecutive layers at random, and an input."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    conv = rng.random() < 0.4
+    width = 4 if conv else 6
+
+    def block():
+        if conv:
+            parts = [nn.Conv2d(width, width, 3, padding=1, bias=rng.random() < 0.5)]
+            parts += [nn.BatchNorm2d(width)] if rng.random() < 0.5 else []
+            parts += [rng.choice([nn.ReLU(inplace=True), nn.ReLU(), nn.GELU()])]
+            parts += [rng.choice([nn.MaxPool2d(3, 1, 1), nn.AvgPool2d(3, 1, 1), nn.Dropout2d(0.3), nn.Identity()])]
+        else:
+            parts = [nn.Linear(width, width, bias=rng.random() < 0.7)]
+            parts += [rng.choice([nn.BatchNorm1d(width), nn.LayerNorm(width), nn.Identity()])]
+            parts += [rng.choice([nn.ReLU(inplace=True), nn.ReLU(), nn.Tanh()])]
+            parts += [nn.Dropout(0.3)] if rng.random() < 0.4 else []
+        return [nn.Sequential(*parts)] if rng.random() < 0.3 else parts
+
+    stem = nn.Conv2d(3, width, 3, padding=1) if conv else nn.Linear(4, width)
+    body = [m for _ in range(rng.randint(2, 4)) for m in block()]
+    linears = [m for m in body if isinstance(m, nn.Linear)]
+    if linears and rng.random() < 0.3:
+        body += [linears[0], nn.Tanh()]  # the same weights twice
+    head = [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 3)] if conv else [nn.Linear(width, 3)]
+    model = nn.Sequential(stem, *body, *head)
+    holders, seen = [], set()
+    for k, m in enumerate(flat_modules(model)):
+        if any(True for _ in m.parameters(recurse=False)) and id(m) not in seen:
+            seen.add(id(m))
+            holders.append(k)
+    groups, current = [], []
+    for k in holders:
+        current.append(k)
+        if k == holders[-1] or rng.random() < 0.6:
+            groups.append(current)
+            current = []
+    inputs = torch.randn(8, 3, 6, 6) if conv else torch.randn(16, 4)
+    return model, groups, inputs
+
+
+def flat_modules(model: nn.Module) -> list[nn.Module]:
+    return [leaf for child in model for leaf in flat_modules(child)] if isinstance(model, nn.Sequential) else [model]
+
+
+OPTIMIZERS = [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+]
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_random_sequential_models_are_bit_for_bit_the_naive_scheme_and_left_untouched(seed):
+    model, groups, inputs = random_sequential(seed)
+
+    def layers_of(m):
+        modules = flat_modules(m)
+        return [[p for k in group for p in modules[k].parameters(recurse=False)] for group in groups]
+
+    optimizer = OPTIMIZERS[seed % len(OPTIMIZERS)](model.parameters())
+    batch = (inputs, torch.randint(0, 3, (len(inputs),)))
+    loss_fn = nn.functional.cross_entropy
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # optimiser state exists
+    before = snapshot(model, optimizer)
+    fast = ics_gradients(model, loss_fn, batch, optimizer, layers_of(model))
+    assert_same(before, snapshot(model, optimizer))
+    assert_bit_for_bit(fast, brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of))
 
 
 class AddInPlace(nn.Module):

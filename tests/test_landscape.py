@@ -1,7 +1,6 @@
 """probe_landscape against the closed form on a quadratic, and both probes as pure observations."""
 
 import math
-import random
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from torch import nn
 
 from bnopt.norms import set_noise_step
 from bnopt.probes import ics_gradients, measure_ics, probe_landscape
+from conftest import assert_same, snapshot
 from test_ics import assert_bit_for_bit, brute_force_ics, small_problem
 
 
@@ -151,35 +151,6 @@ def test_batched_and_looped_evaluations_agree(kind, norm):
 
 
 # --- purity ------------------------------------------------------------------------------------------
-
-
-def snapshot(model, optimizer):
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "buffers": [b.clone() for b in model.buffers()],
-        "state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-                  for i, p in enumerate(model.parameters())},
-        "groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
-        "modes": [m.training for m in model.modules()],
-        "tracking": [m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats")],
-        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()[1].copy(), "python_rng": random.getstate(),
-    }
-
-
-def assert_same(before, after):
-    for key in ("params", "buffers"):
-        assert all(torch.equal(x, y) for x, y in zip(before[key], after[key])), key
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(before["grads"], after["grads"]))
-    assert before["state"].keys() == after["state"].keys()
-    for i in before["state"]:
-        assert before["state"][i].keys() == after["state"][i].keys()
-        for k in before["state"][i]:
-            assert torch.equal(torch.as_tensor(before["state"][i][k]), torch.as_tensor(after["state"][i][k]))
-    assert before["groups"] == after["groups"] and before["modes"] == after["modes"]
-    assert before["tracking"] == after["tracking"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert np.array_equal(before["numpy_rng"], after["numpy_rng"]) and before["python_rng"] == after["python_rng"]
 
 
 @pytest.mark.parametrize("noise", [False, True])
