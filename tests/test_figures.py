@@ -105,7 +105,6 @@ def test_missing_runs_are_named_and_the_rest_is_drawn(results, tmp_path):
     assert any("no runs of dln" in m for m in messages)
 
 
-
 def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tmp_path):
     run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
     clean_ax, with_nan_ax = plt.figure().gca(), plt.figure().gca()

@@ -178,7 +178,6 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
         measure_ics(model, sum_squares, batch, optimizer, model.layers())
 
 
-
 def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
     """float32, out = W2 W1 x, L = out_0 - out_1: the loss is 6e28, but G of W2 is h_0 - h_1 = 6e38, past
     float32's range, so G and G' hold inf: ||G - G'|| and cos(G, G') are NaN (min/max clipping made -1)."""

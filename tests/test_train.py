@@ -118,7 +118,6 @@ def test_divergence_is_a_result(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "diverged"
 
 
-
 def test_a_run_diverging_under_every_probe_is_still_a_result(tmp_path):
     """At lr 1 the DLN's step-1 forward overflows: the activation probe sees NaN before the loss is checked
     (np.histogram raised, so the run ended "failed"), and at step 0 ICS's moved prefix already overflows."""
