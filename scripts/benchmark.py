@@ -298,19 +298,29 @@ def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> 
                 "our_loop_vs_bare_fetching": statistics.median(fetching_ratios)}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"])
     parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     table = settings(device)
+    unknown = [key for key in args.models if key not in table]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     results = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "device": str(device),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
     if device.type == "cuda":

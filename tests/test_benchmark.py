@@ -31,3 +31,14 @@ def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
         "ics_naive": pytest.approx((step + 2 * k * k) / step),
         "landscape_loop": pytest.approx(5.0),  # E = 5 full steps' products
     }
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "dln"], "unknown model(s) dln; choose from mlp_bn, dln_none, dln_bn, vgg11, vgg16"),
+    (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),  # a median over no rounds
+])
+def test_benchmark_refuses_bad_arguments_before_measuring(args, message):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "flops", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.stdout == ""  # nothing measured
