@@ -7,6 +7,7 @@ running, unreadable), steps, final train/test metrics, wall time. A sweep writes
 rebuilds it for a sweep that was killed or is still running.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,11 +15,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.sweeps import write_index  # noqa: E402
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    for directory in map(Path, sys.argv[1:]):
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR")
+    missing = []
+    for directory in parser.parse_args().sweep_dirs:
         if not directory.is_dir():
+            missing.append(directory)
             print(f"{directory}: not a directory", file=sys.stderr)
             continue
         print(write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text(), end="")
+    return 1 if missing else 0  # the others are indexed all the same
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -206,6 +206,17 @@ def test_make_figures_names_and_skips_runs_it_cannot_parse(results, tmp_path):
     assert good.exists()
 
 
+def test_a_runs_path_without_runs_is_named(results, tmp_path):
+    (tmp_path / "empty").mkdir()
+    messages = []
+    runs = load_runs([results / "sweeps", tmp_path / "empty", tmp_path / "mistyped", str(tmp_path / "nothing*")],
+                     warn=messages.append)
+    assert runs and [r.path for r in runs] == [r.path for r in load_runs([results / "sweeps"], warn=messages.append)]
+    assert messages == [f"{tmp_path / 'empty'}: no runs at or below it",
+                        f"{tmp_path / 'mistyped'}: no such file or directory",
+                        f"{tmp_path / 'nothing*'}: no such file or directory"]
+
+
 def test_make_figures_lists_figures_and_refuses_unknown_ones():
     listing = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "--list"], capture_output=True,
                              text=True)

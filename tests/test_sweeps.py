@@ -98,6 +98,11 @@ def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
     rows = read_index(tmp_path)
     assert [(r["dir"], r["status"]) for r in rows] == [("0", "completed"), ("1", "unknown")]
     assert "summary.json: unreadable" in result.stderr
+    (tmp_path / "index.csv").unlink()
+    with_a_typo = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "nope"),
+                                  str(tmp_path)], capture_output=True, text=True)
+    assert with_a_typo.returncode == 1 and f"{tmp_path / 'nope'}: not a directory" in with_a_typo.stderr
+    assert [r["dir"] for r in read_index(tmp_path)] == ["0", "1"]  # the other directory is indexed all the same
 
 
 # --- resume, deterministically -------------------------------------------------------------------------

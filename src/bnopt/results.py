@@ -136,8 +136,17 @@ def committed_result_dirs(repo: Path) -> list[Path]:
 
 
 def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
+    """The runs at or below ``patterns``; each pattern that holds none and each run that cannot be read is
+    named through ``warn`` (a mistyped ``--runs`` path would otherwise just draw empty figures)."""
+    directories: set[Path] = set()
+    for pattern in patterns:
+        found = find_run_dirs([pattern])
+        if not found:
+            exists = glob.glob(str(pattern), recursive=True)
+            warn(f"{pattern}: {'no runs at or below it' if exists else 'no such file or directory'}")
+        directories.update(found)
     runs = []
-    for directory in find_run_dirs(patterns):
+    for directory in sorted(directories):
         try:
             runs.append(read_run(directory))
         except RunReadError as err:
