@@ -9,6 +9,7 @@ from torch import nn
 
 from bnopt.norms import set_noise_step
 from bnopt.probes import ics_gradients, measure_ics, probe_landscape
+from bnopt.probes.landscape import vmap_pays
 from conftest import assert_same, snapshot
 from test_ics import assert_bit_for_bit, brute_force_ics, small_problem
 
@@ -139,9 +140,11 @@ def test_bad_arguments_are_refused():
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
 
 
-@pytest.mark.parametrize("kind, norm", [("mlp", "batchnorm"), ("dln", "batchnorm"), ("mlp", "lp")])
-def test_batched_and_looped_evaluations_agree(kind, norm):
-    model, loss_fn, batch = small_problem(kind, norm)
+@pytest.mark.parametrize("kind, norm, noise", [("mlp", "batchnorm", False), ("dln", "batchnorm", False),
+                                               ("mlp", "lp", False), ("mlp", "batchnorm", True)])
+def test_batched_and_looped_evaluations_agree(kind, norm, noise):
+    """Noisy layers included: their draws, from their own generator, are the same at every eta."""
+    model, loss_fn, batch = small_problem(kind, norm, noise=noise)
     etas = [1e-4, 1e-3] if kind == "dln" else [0.05, 0.2]
     looped = probe_landscape(model, loss_fn, batch, etas, batched=False)
     batched = probe_landscape(model, loss_fn, batch, etas, batched=True)
@@ -235,6 +238,13 @@ def stateful_model(kind: str) -> nn.Sequential:
     else:
         middle = CountingScale(kind.removeprefix("counter "))
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), middle, nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def test_auto_batches_convolution_free_models_on_cpu_unless_a_pass_may_change_buffers():
+    assert vmap_pays(small_problem("mlp", "batchnorm", noise=True)[0])  # noise drawn alike at every eta
+    assert vmap_pays(small_problem("dln", "batchnorm")[0])
+    assert not vmap_pays(small_problem("vgg", "batchnorm")[0])
+    assert not vmap_pays(stateful_model("spectral norm"))
 
 
 @pytest.mark.parametrize("kind", ["counter in place", "counter through .data", "counter reassigned", "spectral norm"])

@@ -21,7 +21,6 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from bnopt.norms import NoisyNorm
 from bnopt.probes.observation import (
     current_gradient, has_free_buffers, loss_at, observation, parameters_at, per_tensor_norms,
 )
@@ -89,10 +88,11 @@ def _combined_norms(rows: torch.Tensor) -> list[float]:
 
 def vmap_pays(model: nn.Module) -> bool:
     """The measured rule (``scripts/benchmark.py``): batch the evaluations on CPU for networks without
-    convolutions. Noisy layers draw from their own generator, which ``vmap`` cannot batch, and buffers
-    outside normalisation's switch may change as a pass runs, which the loop puts back between passes."""
+    convolutions, unless a module keeps buffers outside normalisation's switch, which a pass may change
+    (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them back
+    between passes. (Noisy layers batch: their draws come from their own generator, the same at every eta.)"""
     on_cpu = all(not p.is_cuda for p in model.parameters())
-    return on_cpu and not any(isinstance(m, (nn.Conv2d, NoisyNorm)) or has_free_buffers(m) for m in model.modules())
+    return on_cpu and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules())
 
 
 def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):
