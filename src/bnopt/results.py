@@ -114,19 +114,16 @@ def read_run(directory: Path) -> Run:
     return Run(directory, config, metrics, summary)
 
 
-def find_run_dirs(patterns: Iterable[str | Path]) -> list[Path]:
-    """Every directory at or below the given directories or globs that holds a ``metrics.csv`` or a
-    ``config.yaml`` (Hydra's own ``.hydra/`` copies excluded)."""
+def find_run_dirs(root: Path) -> set[Path]:
+    """Every directory at or below ``root`` that holds a ``metrics.csv`` or a ``config.yaml`` (Hydra's own
+    ``.hydra/`` copies excluded)."""
     found: set[Path] = set()
-    for pattern in patterns:
-        for root in map(Path, glob.glob(str(pattern), recursive=True)) or []:
-            if not root.is_dir():
-                continue
-            for marker in ("metrics.csv", "config.yaml"):
-                for path in [root / marker, *root.rglob(marker)]:
-                    if path.is_file() and ".hydra" not in path.parts:
-                        found.add(path.parent)
-    return sorted(found)
+    if root.is_dir():
+        for marker in ("metrics.csv", "config.yaml"):
+            for path in [root / marker, *root.rglob(marker)]:
+                if path.is_file() and ".hydra" not in path.parts:
+                    found.add(path.parent)
+    return found
 
 
 def committed_result_dirs(repo: Path) -> list[Path]:
@@ -140,11 +137,11 @@ def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
     named through ``warn`` (a mistyped ``--runs`` path would otherwise just draw empty figures)."""
     directories: set[Path] = set()
     for pattern in patterns:
-        found = find_run_dirs([pattern])
+        roots = [Path(root) for root in glob.glob(str(pattern), recursive=True)]
+        found = set().union(*map(find_run_dirs, roots))
         if not found:
-            exists = glob.glob(str(pattern), recursive=True)
-            warn(f"{pattern}: {'no runs at or below it' if exists else 'no such file or directory'}")
-        directories.update(found)
+            warn(f"{pattern}: {'no runs at or below it' if roots else 'no such file or directory'}")
+        directories |= found
     runs = []
     for directory in sorted(directories):
         try:
