@@ -19,14 +19,14 @@ from bnopt.sweeps import write_index  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR")
-    missing = []
+    all_found = True
     for directory in parser.parse_args().sweep_dirs:
         if not directory.is_dir():
-            missing.append(directory)
+            all_found = False
             print(f"{directory}: not a directory", file=sys.stderr)
             continue
         print(write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text(), end="")
-    return 1 if missing else 0  # the others are indexed all the same
+    return 0 if all_found else 1  # the others are indexed all the same
 
 
 if __name__ == "__main__":
