@@ -6,7 +6,8 @@
 
 Reads ``config.yaml`` and ``metrics.csv`` (and ``summary.json``, ``activations.npz``) of every run found
 at or below ``--runs`` (directories or globs); runs that cannot be parsed are named and skipped, missing
-runs are named and the rest is drawn. Writes ``<out>/fig<key>.png`` and ``.pdf``.
+runs are named and the rest is drawn. Writes ``<out>/fig<key>.png`` and ``.pdf``; exits 1 when nothing
+was drawn (no runs read, or none that the figure needs).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     written = [path for key in keys for path in draw(key, runs, args.out, warn=lambda m: print(m, file=sys.stderr))]
     for path in written:
         print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
-    return 0 if written or not runs else 1
+    return 0 if written else 1  # a recipe must not go on as if its figure were there
 
 
 if __name__ == "__main__":

@@ -215,6 +215,10 @@ def test_a_runs_path_without_runs_is_named(results, tmp_path):
     assert messages == [f"{tmp_path / 'empty'}: no runs at or below it",
                         f"{tmp_path / 'mistyped'}: no such file or directory",
                         f"{tmp_path / 'nothing*'}: no such file or directory"]
+    drawn = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "1", "--runs", str(tmp_path / "empty"),
+                            "--out", str(tmp_path / "figs")], capture_output=True, text=True)
+    assert drawn.returncode == 1 and f"{tmp_path / 'empty'}: no runs at or below it" in drawn.stderr
+    assert not (tmp_path / "figs" / "fig1.png").exists()
 
 
 def test_make_figures_lists_figures_and_refuses_unknown_ones():

@@ -178,6 +178,14 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
         measure_ics(model, sum_squares, batch, optimizer, model.layers())
 
 
+def test_an_optimiser_that_needs_a_closure_is_refused_before_anything_runs(linear_problem):
+    w, (batch, _) = linear_problem
+    model = ThreeLinear(w)
+    optimizer = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match=r"LBFGS.step\(\) needs a closure"):
+        measure_ics(model, lambda *_: pytest.fail("a loss was evaluated"), batch, optimizer, model.layers())
+
+
 def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
     """float32, out = W2 W1 x, L = out_0 - out_1: the loss is 6e28, but G of W2 is h_0 - h_1 = 6e38, past
     float32's range, so G and G' hold inf: ||G - G'|| and cos(G, G') are NaN (min/max clipping made -1)."""
@@ -311,6 +319,20 @@ def test_shared_prefix_and_general_paths_agree_bit_for_bit(kind, norm, noise):
     chain = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
     general = measure_ics(HiddenChain(model), loss_fn, batch, optimizer, model.layer_params())
     assert chain == general
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["chain", "general"])
+def test_a_graph_built_before_measuring_still_backwards_to_the_same_gradients(hidden):
+    """Measuring between a caller's forward and backward: the simulated step's in-place writes must not
+    leave the parameters looking modified to autograd (it would refuse to backward), nor change the result."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # Adam's moments exist
+    expected = torch.autograd.grad(loss_fn(model(batch[0]), batch[1]), list(model.parameters()))
+    loss = loss_fn(model(batch[0]), batch[1])
+    measure_ics(HiddenChain(model) if hidden else model, loss_fn, batch, optimizer, model.layer_params())
+    assert all(torch.equal(g, e) for g, e in zip(torch.autograd.grad(loss, list(model.parameters())), expected))
 
 
 @pytest.mark.parametrize("kind, norm, noise", [("vgg", "batchnorm", True), ("dln", "none", True), ("dln", "batchnorm", False)])

@@ -20,6 +20,7 @@ Layer 0 has no prefix, so G' = G there by definition and nothing is recomputed.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -87,6 +88,11 @@ def ics_gradients(
                 raise ValueError(f"a parameter appears {where} (0-based): each parameter belongs to one layer "
                                  "(one listed in two would be both moved with the prefix and held at W(t))")
             layer_of[p] = i
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise ValueError(f"{type(optimizer).__name__}.step() needs a closure: it evaluates the loss itself, "
+                         "several times per step, so there is no single update from the current gradient for "
+                         "ICS (Definition 2.1) to take; use an optimiser that steps from .grad alone")
     params = [p for layer in layers for p in layer]
     with observation(model) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)

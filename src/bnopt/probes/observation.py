@@ -8,7 +8,8 @@ so that every pass of one measurement sees the same random draws (dropout masks,
 from torch's global generator) and the same module state (a spectral norm's power-iteration vectors, say).
 
 The parameters' tensors are never written by the measurements; the ICS probe's simulated optimiser step
-points the parameters at copies and sets ``.grad``, and puts both back itself (:func:`simulate_optimizer_step`).
+points the parameters at copies and sets ``.grad``, and puts both back itself, with the parameters' version
+counters (:func:`simulate_optimizer_step`): a graph built before measuring still backwards.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
     of the parameters, then ``.grad`` fields, optimiser state and hyper-parameters are put back exactly.
     The parameters' own tensors are never written."""
     owned = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_versions = [p._version for p in owned]
     saved_data = [p.data for p in owned]
     saved_grads = [p.grad for p in owned]
     saved_state = {p: {k: _snapshot(v) for k, v in s.items()} for p, s in optimizer.state.items()}
@@ -187,6 +189,10 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
         for p, data, grad in zip(owned, saved_data, saved_grads):
             p.data = data
             p.grad = grad
+        # The step's in-place ops went into the copies but counted on the parameters' version counters, which
+        # would make a graph the caller built before measuring refuse to backward. The values those versions
+        # stand for were never written, so the counters go back too.
+        torch._C._autograd._unsafe_set_version_counter(tuple(owned), tuple(saved_versions))
         for p in list(optimizer.state):
             if p not in saved_state:
                 del optimizer.state[p]
