@@ -197,6 +197,23 @@ def test_probes_use_batch_statistics_whatever_the_models_mode():
     assert not model.training
 
 
+def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():
+    """An evaluation loop's torch.no_grad() must not change the answer; inference mode, which nothing can
+    lift, is refused with the reason rather than autograd's "does not require grad"."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ics = measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    land = probe_landscape(model, loss_fn, batch, [0.1])
+    with torch.no_grad():
+        assert measure_ics(model, loss_fn, batch, optimizer, model.layer_params()) == ics
+        assert probe_landscape(model, loss_fn, batch, [0.1]) == land
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"torch.inference_mode\(\) forbids"):
+            measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+        with pytest.raises(RuntimeError, match=r"torch.inference_mode\(\) forbids"):
+            probe_landscape(model, loss_fn, batch, [0.1])
+
+
 def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
     """A model drawing from torch's global generator (dropout) still gets l2 = 0 when the prefix does not
     move: the probe rewinds the random state before each pass."""

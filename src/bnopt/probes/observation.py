@@ -91,6 +91,11 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def observation(model: nn.Module) -> Iterator[Observation]:
+    if torch.is_inference_mode_enabled():
+        # enable_grad cannot lift inference mode, and autograd's own error ("element 0 of tensors does not
+        # require grad") would not say why.
+        raise RuntimeError("the probes differentiate the loss, which torch.inference_mode() forbids; "
+                           "call them outside it (torch.no_grad() is fine)")
     modules = list(model.modules())
     # Only modules not already training are switched (and back): setting a module attribute goes through
     # Module.__setattr__, microseconds each, and between backward and step every module is training anyway.
