@@ -173,6 +173,11 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
         measure_ics(model, sum_squares, batch, optimizer, [[model.W1], [model.W2, model.b2], [model.W3, model.W1]])
     with pytest.raises(ValueError, match=r"a parameter appears twice in layer 1"):
         measure_ics(model, sum_squares, batch, optimizer, [[model.W1], [model.W2, model.b2, model.W2], [model.W3]])
+    copy_of_model = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"layers \[1, 2\] .*not the model's"):
+        measure_ics(model, sum_squares, batch, optimizer, [[model.W1], *copy_of_model.layers()[1:]])
+    with pytest.raises(ValueError, match="the optimiser holds none of the parameters"):
+        measure_ics(model, sum_squares, batch, torch.optim.SGD(copy_of_model.parameters(), lr=0.05), model.layers())
     model.W2.requires_grad_(False)
     with pytest.raises(ValueError, match=r"layers \[1\] .*requires_grad=False"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers())

@@ -80,6 +80,17 @@ def ics_gradients(
     if frozen:
         raise ValueError(f"layers {frozen} (0-based) hold parameters with requires_grad=False: ICS is a gradient "
                          "w.r.t. every parameter in `layers`; leave frozen parameters out")
+    # Both mistakes below would otherwise give plausible numbers: zero gradients (l2 0, cos NaN) for
+    # parameters the loss never sees, and no shift at all (l2 0, cos 1) when nothing moves.
+    own = set(model.parameters())
+    foreign = [i for i, layer in enumerate(layers) if any(p not in own for p in layer)]
+    if foreign:
+        raise ValueError(f"layers {foreign} (0-based) hold parameters that are not the model's "
+                         "(from a copy of it, or another model?)")
+    stepped = {p for group in optimizer.param_groups for p in group["params"]}
+    if not any(p in stepped for layer in layers for p in layer):
+        raise ValueError("the optimiser holds none of the parameters in `layers` (is it another model's, or "
+                         "a copy's?): no layer would move, and every layer would show no shift")
     layer_of: dict[nn.Parameter, int] = {}
     for i, layer in enumerate(layers):
         for p in layer:
