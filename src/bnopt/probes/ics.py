@@ -29,7 +29,8 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    current_gradient, loss_at, observation, parameters_at, per_tensor_norms, simulate_optimizer_step,
+    current_gradient, loss_at, observation, optimizer_parameters, parameters_at, per_tensor_norms,
+    simulate_optimizer_step,
 )
 
 
@@ -87,8 +88,9 @@ def ics_gradients(
     if foreign:
         raise ValueError(f"layers {foreign} (0-based) hold parameters that are not the model's "
                          "(from a copy of it, or another model?)")
-    stepped = {p for group in optimizer.param_groups for p in group["params"]}
-    if not any(p in stepped for layer in layers for p in layer):
+    params = [p for layer in layers for p in layer]
+    stepped = set(optimizer_parameters(optimizer))
+    if not any(p in stepped for p in params):
         raise ValueError("the optimiser holds none of the parameters in `layers` (is it another model's, or "
                          "a copy's?): no layer would move, and every layer would show no shift")
     layer_of: dict[nn.Parameter, int] = {}
@@ -104,7 +106,6 @@ def ics_gradients(
         raise ValueError(f"{type(optimizer).__name__}.step() needs a closure: it evaluates the loss itself, "
                          "several times per step, so there is no single update from the current gradient for "
                          "ICS (Definition 2.1) to take; use an optimiser that steps from .grad alone")
-    params = [p for layer in layers for p in layer]
     with observation(model) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
         updated = simulate_optimizer_step(optimizer, params, grads)

@@ -169,6 +169,11 @@ def _snapshot(value):
     return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
 
 
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    """Every parameter the optimiser steps, group by group."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 @torch.no_grad()
 def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
                             grads: Sequence[torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
@@ -176,7 +181,7 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
     (momentum, weight decay, Adam's moments, any torch optimiser that steps without a closure) on copies
     of the parameters, then ``.grad`` fields, optimiser state and hyper-parameters are put back exactly.
     The parameters' own tensors are never written."""
-    owned = [p for group in optimizer.param_groups for p in group["params"]]
+    owned = optimizer_parameters(optimizer)
     saved_versions = [p._version for p in owned]
     saved_data = [p.data for p in owned]
     saved_grads = [p.grad for p in owned]
