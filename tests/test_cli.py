@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bnopt.config import ConfigError, check_against_run, check_config
+from bnopt.synthetic import write_mnist
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
 
 # --- bad input, in-process ---------------------------------------------------------------------------
@@ -80,6 +81,10 @@ def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
     assert json.loads((tmp_path / "a/summary.json").read_text())["status"] == "failed"
     assert_one_line_error(run_cli("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
                                   f"hydra.run.dir={tmp_path / 'b'}"), "MNIST not found", f"{tmp_path}/none")
+    damaged = write_mnist(tmp_path / "damaged", n_train=30, n_test=20) / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a download cut short
+    assert_one_line_error(run_cli("data=mnist", f"data.root={damaged.parent}", "data.download=false", "scale=smoke",
+                                  f"hydra.run.dir={tmp_path / 'd'}"), f"MNIST: cannot read {damaged}", "Fix: delete it")
     (tmp_path / "file").write_text("")
     assert_one_line_error(run_cli("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"),
                           "not writable", "hydra.run.dir")

@@ -1,4 +1,6 @@
-"""Data loading from the real on-disk formats, clear errors when files are missing, tensor batching."""
+"""Data loading from the real on-disk formats, clear errors when files are missing or damaged, tensor batching."""
+
+import pickle
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bnopt.data import (
-    BatchStream, DatasetNotFoundError, gaussian_regression, load_cifar10, load_data, load_mnist_format, read_idx,
+    BatchStream, DatasetNotFoundError, DatasetUnreadableError, gaussian_regression, load_cifar10, load_data, load_mnist_format, read_idx,
 )
 from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
 
@@ -30,6 +32,34 @@ def test_truncated_idx_file_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(path)
+
+
+def _cut_short(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _replace_with_a_web_page(path):
+    path.write_bytes(b"<html><body>Service unavailable</body></html>")
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+@pytest.mark.parametrize("damage", [_cut_short, _replace_with_a_web_page])
+def test_damaged_mnist_file_names_the_data_set_the_file_and_the_fix(tmp_path, gzipped, damage):
+    write_mnist(tmp_path, n_train=30, n_test=20, gzipped=gzipped)
+    damaged = tmp_path / ("t10k-labels-idx1-ubyte" + (".gz" if gzipped else ""))
+    damage(damaged)
+    with pytest.raises(DatasetUnreadableError) as err:
+        load_mnist_format("fashion_mnist", tmp_path, download=False)
+    message = str(err.value)
+    assert message.startswith(f"Fashion-MNIST: cannot read {damaged} (") and "data.download=true" in message
+
+
+def test_mnist_images_and_labels_of_different_sizes_are_refused(tmp_path):
+    write_mnist(tmp_path, n_train=30, n_test=20, gzipped=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labelled_images(29, (28, 28), seed=0)[1], gzipped=False)
+    with pytest.raises(DatasetUnreadableError, match="MNIST: .*train-images-idx3-ubyte holds 30 images but "
+                                                     ".*train-labels-idx1-ubyte holds 29 labels"):
+        load_mnist_format("mnist", tmp_path, download=False)
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
@@ -78,6 +108,20 @@ def test_cifar10_pickled_batches(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DatasetNotFoundError, match="lacks data_batch_3.*data.download=true"):
         load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("contents", [b"\x80\x02}q\x00(X", pickle.dumps(["not", "a", "batch"]),
+                                      pickle.dumps({"data": np.zeros((5, 7), np.uint8), "labels": [0] * 5}),
+                                      pickle.dumps({"data": np.zeros((5, 3072), np.uint8), "labels": [0] * 4})],
+                         ids=["cut-short", "not-a-dict", "wrong-image-size", "too-few-labels"])
+def test_damaged_cifar10_batch_names_the_file_and_the_fix(tmp_path, contents):
+    write_cifar10(tmp_path, per_batch=12, n_test=7)
+    damaged = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    damaged.write_bytes(contents)
+    with pytest.raises(DatasetUnreadableError) as err:
+        load_cifar10(tmp_path, download=False)
+    message = str(err.value)
+    assert message.startswith(f"CIFAR-10: cannot read {damaged} (") and "data.download=true" in message
 
 
 def test_load_data_normalises_per_channel_with_training_statistics(cifar_root):

@@ -1,6 +1,6 @@
 """What ``python train.py`` runs for each job, single run or one job of a sweep.
 
-User errors (a bad config value, a missing data set, a checkpoint of another run in the output
+User errors (a bad config value, a missing or damaged data set, a checkpoint of another run in the output
 directory) print one line and exit with status 2, no traceback. In a sweep (``-m``) a job that fails or
 diverges is recorded in its ``summary.json`` and the sweep goes on.
 """
@@ -18,12 +18,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bnopt.config import ConfigError
-from bnopt.data import DatasetNotFoundError
+from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.rundir import OutputDirError, RunDirectory
 from bnopt.sweeps import gpu_slot, job_threads, limit_threads
 from bnopt.train import ResumeError, train
 
-USER_ERRORS = (ConfigError, DatasetNotFoundError, ResumeError, OutputDirError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError)
 log = logging.getLogger("bnopt")
 
 # configs/hydra/launcher/*.yaml carry the launcher plugins' own names, so Hydra checks them against the

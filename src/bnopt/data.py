@@ -5,13 +5,16 @@ on the device; batches are index slices of a shuffled order, augmentation (off b
 uses none) is batched tensor ops. Files are read in their published on-disk formats by the readers
 below — CIFAR-10's pickled batches, MNIST's IDX files (gzipped or not) — and torchvision is used only to
 download them. Missing files never fall back to anything: they raise :class:`DatasetNotFoundError`,
-which says which data set, where it looked and how to fix it.
+which says which data set, where it looked and how to fix it; files that are there but cannot be read (a
+download cut short, another file under the same name) raise :class:`DatasetUnreadableError`, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +28,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class DatasetNotFoundError(RuntimeError):
     """The files of a data set are not where the config says, and could not be downloaded."""
+
+
+class DatasetUnreadableError(RuntimeError):
+    """A data set's file is where the config says but cannot be read: truncated, corrupt or of another format."""
+
+
+@contextlib.contextmanager
+def reading(title: str, path: Path, fix: str):
+    """Turn the ways a damaged file fails to read (gzip, zlib, pickle, the format checks) into one error
+    that names the data set, the file and the fix."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, KeyError, TypeError) as err:
+        raise DatasetUnreadableError(f"{title}: cannot read {path} ({type(err).__name__}: {err}). Fix: {fix}") from err
 
 
 @dataclass
@@ -75,12 +92,13 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise ValueError("not an unsigned-byte IDX file")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: header says {tuple(dims)}, found {data.size} bytes")
+        shape = " x ".join(map(str, dims.tolist()))
+        raise ValueError(f"truncated: its header says {shape} bytes of data, it holds {data.size}")
     return data.reshape(tuple(dims)).copy()  # frombuffer is read-only
 
 
@@ -113,10 +131,15 @@ def read_cifar_batches(folder: Path, names: Sequence[str]) -> tuple[np.ndarray, 
     """Images (N, 3, 32, 32) uint8 and labels from CIFAR-10's pickled python batches."""
     images, labels = [], []
     for name in names:
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        with reading("CIFAR-10", folder / name, f"delete {folder} and run again with data.download=true (which "
+                                                "checks the archive and extracts it afresh), or extract "
+                                                "cifar-10-python.tar.gz again"):
+            with open(folder / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch["labels"], dtype=np.int64))
+            if len(images[-1]) != len(labels[-1]):
+                raise ValueError(f"{len(images[-1])} images but {len(labels[-1])} labels")
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -163,11 +186,18 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
             + (" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
                "/usr/share/datasets/fashion-mnist)." if name == "fashion_mnist" else ".")
         )
-    arrays = {key: read_idx(path) for key, path in files.items()}
+    arrays = {}
+    for key, path in files.items():
+        with reading(title, path, f"delete it and run again with data.download=true to fetch it afresh, or "
+                                  f"replace it with the official file {path.name}"):
+            arrays[key] = read_idx(path)
     for split in ("train", "test"):
         n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if n_x != n_y:
-            raise ValueError(f"{title} {split} set has {n_x} images but {n_y} labels ({files[f'{split}_x'].parent})")
+            images, labels = files[f"{split}_x"], files[f"{split}_y"]
+            raise DatasetUnreadableError(
+                f"{title}: {images} holds {n_x} images but {labels} holds {n_y} labels. Fix: delete both and run "
+                f"again with data.download=true, or replace them with the official files")
     return {k: v[:, None] if k.endswith("_x") else v for k, v in arrays.items()}  # images get a channel axis
 
 
