@@ -169,6 +169,10 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     assert measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[]) == []
     with pytest.raises(IndexError, match="3 layers"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[3])
+    with pytest.raises(ValueError, match="`layers` is empty"):
+        measure_ics(model, sum_squares, batch, optimizer, [])
+    with pytest.raises(ValueError, match=r"layers \[1\] \(0-based\) hold no parameters"):
+        measure_ics(model, sum_squares, batch, optimizer, [[model.W1], [], [model.W2, model.b2, model.W3]])
     with pytest.raises(ValueError, match=r"a parameter appears in layers 0 and 2"):
         measure_ics(model, sum_squares, batch, optimizer, [[model.W1], [model.W2, model.b2], [model.W3, model.W1]])
     with pytest.raises(ValueError, match=r"a parameter appears twice in layer 1"):

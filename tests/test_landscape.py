@@ -138,6 +138,9 @@ def test_bad_arguments_are_refused():
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1, -1.0])
     with pytest.raises(ValueError, match="one tensor per trainable parameter"):
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
+    frozen = Quadratic(a, w).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        probe_landscape(frozen, loss_is_output, BATCH, [0.1])
 
 
 @pytest.mark.parametrize("kind, norm, noise", [("mlp", "batchnorm", False), ("dln", "batchnorm", False),

@@ -73,6 +73,11 @@ def ics_gradients(
     """``{i: (G, G')}`` for each layer in ``which``: the gradients behind :func:`measure_ics` (same
     arguments, same guarantees), one tensor per parameter of the layer."""
     layers = [list(layer) for layer in layers]
+    if not layers:
+        raise ValueError("`layers` is empty: give the model's parameters grouped by layer, in forward order")
+    empty = [i for i, layer in enumerate(layers) if not layer]
+    if empty:
+        raise ValueError(f"layers {empty} (0-based) hold no parameters: each layer is a list of its parameters")
     which = list(range(len(layers))) if which is None else sorted(set(which))
     for i in which:
         if not 0 <= i < len(layers):

@@ -49,6 +49,8 @@ def probe_landscape(
         raise ValueError(f"etas must be a non-empty list of positive step sizes; got {etas}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: there is no gradient to probe along")
     if direction is not None:
         direction = [d.detach() for d in direction]
         shapes_match = len(direction) == len(params) and all(d.shape == p.shape for d, p in zip(direction, params))
