@@ -200,6 +200,36 @@ def test_probes_use_batch_statistics_whatever_the_models_mode():
     assert not model.training
 
 
+class RecordsNumericsFlags(torch.nn.Linear):
+    """A layer that notes, at each forward pass, the global flags that decide a pass's arithmetic on a GPU."""
+
+    seen: set
+
+    def forward(self, x):
+        self.seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                       torch.backends.cudnn.deterministic))
+        return super().forward(x)
+
+
+def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_back(monkeypatch):
+    """A training run may allow TF32 and cuDNN's atomics-based algorithms; a measurement must not: two passes
+    at the same weights would differ in their last bits (or, with TF32, in their fourth digit)."""
+    layer = RecordsNumericsFlags(4, 3)
+    layer.seen = set()
+    model = torch.nn.Sequential(layer, torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    batch = (torch.randn(8, 4), torch.randn(8, 1))
+    loss_fn = torch.nn.functional.mse_loss
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for name, value in (("allow_tf32", True), ("deterministic", False)):
+        monkeypatch.setattr(torch.backends.cudnn, name, value)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    measure_ics(model, loss_fn, batch, optimizer, [list(model[0].parameters()), list(model[2].parameters())])
+    probe_landscape(model, loss_fn, batch, [0.1], batched=False)
+    assert layer.seen == {(False, False, True)}
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
+    assert flags == (True, True, False)
+
+
 def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():
     """An evaluation loop's torch.no_grad() must not change the answer; inference mode, which nothing can
     lift, is refused with the reason rather than autograd's "does not require grad"."""

@@ -1,8 +1,9 @@
 """What every measurement shares: it must observe the run and change nothing.
 
 :func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
-no running-statistics updates, full fp32 (no TF32) — and on exit restores every module's mode and flags,
-every buffer, and the global random-number state (CPU and the model's CUDA device). Inside,
+no running-statistics updates, full fp32 (no TF32), cuDNN's deterministic algorithms — and on exit restores
+every module's mode and flags, the global flags, every buffer, and the global random-number state (CPU and
+the model's CUDA device). Inside,
 :meth:`Observation.replay` rewinds the random state and any buffer a pass may change before each forward pass,
 so that every pass of one measurement sees the same random draws (dropout masks, or anything else drawn
 from torch's global generator) and the same module state (a spectral norm's power-iteration vectors, say).
@@ -105,11 +106,14 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
     buffers = FreeBuffers(modules)
     devices = _cuda_devices(model)
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    backends = torch.backends.cuda.matmul, torch.backends.cudnn
+    flags = (backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic)
     with torch.random.fork_rng(devices=devices):
         try:
-            # measurements in full fp32, whatever the training run allows
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            # Measurements in full fp32, whatever the training run allows, and with cuDNN's deterministic
+            # algorithms: some of the others sum with atomics, so that two passes at the same weights could
+            # differ in the last bits, and G' with nothing moved would not be G.
+            backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic = False, False, True
             for m in in_eval:
                 m.training = True
             for m in tracking:
@@ -117,7 +121,7 @@ def observation(model: nn.Module) -> Iterator[Observation]:
             with torch.enable_grad():
                 yield Observation(devices, buffers)
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic = flags
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
