@@ -43,6 +43,14 @@ def cifar_root(tmp_path_factory) -> Path:
     return write_cifar10(tmp_path_factory.mktemp("cifar"))
 
 
+def assert_every_figure_drawn(figures: Path) -> None:
+    """Every figure of the paper is in ``figures`` (one of two panels is drawn as fig<key>_a and fig<key>_b)."""
+    from bnopt.figures import FIGURES
+
+    for key in FIGURES:
+        assert any((figures / f"fig{key}{suffix}.png").is_file() for suffix in ("", "_a")), key
+
+
 def train_run(run_dir: Path, *overrides: str) -> dict:
     """Train in-process, as ``python train.py <overrides> hydra.run.dir=<run_dir>`` would."""
     from bnopt.train import train

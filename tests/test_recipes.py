@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bnopt.synthetic import write_cifar10, write_mnist
-from conftest import REPO
+from conftest import REPO, assert_every_figure_drawn
 
 RECIPES = sorted(p.name for p in (REPO / "experiments").glob("*.sh") if p.name not in ("common.sh", "all.sh"))
 
@@ -66,14 +66,11 @@ def test_a_recipe_trains_its_runs_at_their_fixed_places_and_draws_its_figures(wo
 def test_all_sh_draws_every_figure_and_covers_every_recipes_runs(workspace):
     """all.sh trains each run once for all figures; afterwards every single-figure recipe finds its runs
     finished (same place, same config: another config would stop the run) and trains nothing."""
-    from bnopt.figures import FIGURES
-
     data, results = workspace
     run_recipe("all.sh", data, results)
     runs = trained_runs(results)
     assert_finished(runs)
-    for key in FIGURES:  # a figure of two panels is drawn as fig<key>_a and fig<key>_b
-        assert any((results / "figures" / f"fig{key}{suffix}.png").is_file() for suffix in ("", "_a")), key
+    assert_every_figure_drawn(results / "figures")
     for recipe in RECIPES:
         run_recipe(recipe, data, results)
         assert trained_runs(results) == runs, f"{recipe} trained runs that all.sh did not"
