@@ -165,3 +165,26 @@ def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uni
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt")
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_path):
+    """Two processes in one run directory would interleave metrics rows and overwrite checkpoints; the second
+    is refused in one line and touches nothing, also as a sweep job (the sweep goes on). The SIGKILL test
+    above shows that a killed trainer leaves no lock behind."""
+    from bnopt.rundir import RunBusyError, RunDirectory
+
+    smoke = ("+experiment=dln_bn", "scale=smoke")
+    run_dir = tmp_path / "sweep" / "job"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"status": "running"}\n')  # as the trainer wrote it
+    with RunDirectory(run_dir).claimed():  # this process is the trainer
+        assert_one_line_error(run_cli(*smoke, f"hydra.run.dir={run_dir}"),
+                              f"{run_dir} is being trained by pid {os.getpid()}")
+        sweep = run_cli("-m", *smoke, "seed=0", f"hydra.sweep.dir={run_dir.parent}", "hydra.sweep.subdir=job")
+        assert sweep.returncode == 0 and "is being trained by" in sweep.stderr, sweep.stderr
+        with pytest.raises(RunBusyError):
+            train_run(run_dir, *smoke)
+        written = sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "train.log"))  # Hydra's
+        assert written == [".lock", "summary.json"]
+        assert (run_dir / "summary.json").read_text() == '{"status": "running"}\n'
+    assert train_run(run_dir, *smoke)["status"] == "completed"  # released with the block

@@ -1,8 +1,8 @@
 """What ``python train.py`` runs for each job, single run or one job of a sweep.
 
 User errors (a bad config value, a missing or damaged data set, a checkpoint of another run in the output
-directory) print one line and exit with status 2, no traceback. In a sweep (``-m``) a job that fails or
-diverges is recorded in its ``summary.json`` and the sweep goes on.
+directory, a run that another process is training) print one line and exit with status 2, no traceback. In a
+sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from omegaconf import DictConfig
 
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
-from bnopt.rundir import OutputDirError, RunDirectory
+from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import gpu_slot, job_threads, limit_threads
 from bnopt.train import ResumeError, train
 
-USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
+               RunBusyError)
 log = logging.getLogger("bnopt")
 
 # configs/hydra/launcher/*.yaml carry the launcher plugins' own names, so Hydra checks them against the
@@ -48,7 +49,8 @@ def main(cfg: DictConfig) -> dict | None:
         return train(cfg, run_dir)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        record_failure(run_dir, err)
+        if not isinstance(err, RunBusyError):  # a busy run's summary is its trainer's
+            record_failure(run_dir, err)
         if not in_sweep:
             sys.exit(2)
     except Exception:

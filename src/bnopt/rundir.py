@@ -7,25 +7,38 @@
                      wall time, steps/s, device, torch version, git commit
     checkpoint.pt    model, optimiser, step, random states; written atomically
     activations.npz  histograms of the activation probe (when it is on)
+    .lock            held by the process training the run (:meth:`RunDirectory.claimed`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): run directories are not locked
+    fcntl = None
 
 METRICS_HEADER = "step,name,value,layer,eta"
 
 
 class OutputDirError(RuntimeError):
     """The run's output directory cannot be written."""
+
+
+class RunBusyError(RuntimeError):
+    """Another process is training the run in this output directory now."""
 
 
 def _number(value: float) -> str:
@@ -89,6 +102,34 @@ class RunDirectory:
         self.metrics = self.path / "metrics.csv"
         self.summary = self.path / "summary.json"
         self.checkpoint = self.path / "checkpoint.pt"
+        self.lock = self.path / ".lock"
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run directory for the block. Two processes training one run would
+        interleave their metrics rows and overwrite each other's checkpoints, which the figure recipes' fixed
+        run places make easy (two recipes that share a run, started side by side). The kernel drops the lock
+        when its holder ends, however it ends, so a killed run leaves nothing stale behind."""
+        if fcntl is None:
+            yield
+            return
+        with open(self.lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunBusyError(f"{self.path} is being trained by {holder} now; wait for it to end (the same "
+                                   "command then finds the run finished, or resumes it), or choose another "
+                                   "directory with hydra.run.dir=...") from None
+            except OSError as err:  # a file system without locks (some cluster mounts): train unguarded
+                print(f"warning: cannot lock {self.lock} ({err.strerror}); nothing stops a second process from "
+                      "training this run at the same time", file=sys.stderr)
+            else:
+                handle.truncate(0)
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                handle.flush()
+            yield
 
     def ensure_writable(self) -> None:
         try:

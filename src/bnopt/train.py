@@ -48,10 +48,17 @@ class ResumeError(RuntimeError):
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train one run described by ``cfg`` into ``run_dir``; return its summary."""
+    """Train one run described by ``cfg`` into ``run_dir``; return its summary. One process at a time trains
+    in a run directory: another one gets :class:`~bnopt.rundir.RunBusyError`."""
     check_config(cfg)
     run = RunDirectory(run_dir)
     run.ensure_writable()
+    with run.claimed():
+        return train_claimed(cfg, run)
+
+
+def train_claimed(cfg: DictConfig, run: RunDirectory) -> dict:
+    """:func:`train`, once this process holds the run directory."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(run, resolved)
     if checkpoint is not None and checkpoint["status"] in FINISHED:
