@@ -188,3 +188,16 @@ def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_pa
         assert written == [".lock", "summary.json"]
         assert (run_dir / "summary.json").read_text() == '{"status": "running"}\n'
     assert train_run(run_dir, *smoke)["status"] == "completed"  # released with the block
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from bnopt import rundir
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    assert train_run(tmp_path, "+experiment=dln_bn", "scale=smoke")["status"] == "completed"
+    assert f"cannot lock {tmp_path / '.lock'} (No locks available)" in capsys.readouterr().err
