@@ -15,7 +15,8 @@ from conftest import compose_config, read_rows, train_run
 
 def test_dln_run_writes_the_results_contract(tmp_path):
     summary = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoint.pt", "config.yaml", "metrics.csv",
+                                                          "summary.json"]
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,name,value,layer,eta"
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     train_loss = metrics[metrics.name == "train/loss"]
