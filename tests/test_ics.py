@@ -413,7 +413,6 @@ def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     assert any(not torch.equal(a, b) for g, g_shifted in fast.values() for a, b in zip(g, g_shifted))
 
 
-
 # --- random nn.Sequential models: architectures and optimisers no test above spells out -----------------
 
 

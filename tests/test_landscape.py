@@ -200,14 +200,19 @@ def test_probes_use_batch_statistics_whatever_the_models_mode():
     assert not model.training
 
 
+def numerics_flags() -> tuple[bool, bool, bool]:
+    """The global flags that decide a pass's arithmetic on a GPU: TF32 matmuls, TF32 convolutions, and
+    cuDNN's deterministic algorithms."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
+
+
 class RecordsNumericsFlags(torch.nn.Linear):
-    """A layer that notes, at each forward pass, the global flags that decide a pass's arithmetic on a GPU."""
+    """A layer that notes the numerics flags at each forward pass."""
 
     seen: set
 
     def forward(self, x):
-        self.seen.add((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                       torch.backends.cudnn.deterministic))
+        self.seen.add(numerics_flags())
         return super().forward(x)
 
 
@@ -226,8 +231,7 @@ def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_
     measure_ics(model, loss_fn, batch, optimizer, [list(model[0].parameters()), list(model[2].parameters())])
     probe_landscape(model, loss_fn, batch, [0.1], batched=False)
     assert layer.seen == {(False, False, True)}
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic
-    assert flags == (True, True, False)
+    assert numerics_flags() == (True, True, False)
 
 
 def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():

@@ -106,14 +106,14 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
     buffers = FreeBuffers(modules)
     devices = _cuda_devices(model)
-    backends = torch.backends.cuda.matmul, torch.backends.cudnn
-    flags = (backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    flags = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic)
     with torch.random.fork_rng(devices=devices):
         try:
             # Measurements in full fp32, whatever the training run allows, and with cuDNN's deterministic
             # algorithms: some of the others sum with atomics, so that two passes at the same weights could
             # differ in the last bits, and G' with nothing moved would not be G.
-            backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic = False, False, True
+            matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = False, False, True
             for m in in_eval:
                 m.training = True
             for m in tracking:
@@ -121,7 +121,7 @@ def observation(model: nn.Module) -> Iterator[Observation]:
             with torch.enable_grad():
                 yield Observation(devices, buffers)
         finally:
-            backends[0].allow_tf32, backends[1].allow_tf32, backends[1].deterministic = flags
+            matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = flags
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
