@@ -84,6 +84,10 @@ def test_unit_depends_on_seed_and_layer_only():
     assert both.units[3] == alone.units[3]
     units_by_seed = {ActivationRecorder(model, [3], seed=s, quantiles=[0.5], bins=5, log=Rows()).units[3] for s in range(10)}
     assert len(units_by_seed) > 3
+    # drawn per layer: with one draw shared by all layers, #1, #2 and #3 would watch the same unit index
+    for s in range(5):
+        recorder = ActivationRecorder(model, [1, 2, 3], seed=s, quantiles=[0.5], bins=5, log=Rows())
+        assert len(set(recorder.units.values())) > 1
 
 
 def test_histograms_saved_atomically_and_taken_back_up_to_a_step(tmp_path):

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bnopt.models import Block, ChainModel, dln, mlp, vgg
 from bnopt.norms import NoiseSpec, norm_factory, set_noise_step
 from bnopt.probes import ics_gradients, measure_ics
+from bnopt.probes.ics import _distances_and_cosines
 from conftest import assert_same, snapshot
 
 # --- a 3-layer linear network, by hand ----------------------------------------------------------------
@@ -210,6 +211,27 @@ def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
     assert math.isnan(second["l2"]) and math.isnan(second["cos"])
 
 
+def test_cosine_of_a_gradient_with_itself_is_exactly_one():
+    """Layer 0 has G' = G. The float64 ratio dot / (norm * norm) lands an ulp above 1 for about a third of
+    vectors (rounding in the norms), which is not a cosine; it must come out as 1.0 exactly."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+        batch = (torch.randn(12, 5), torch.randn(12, 2))
+        layers = [list(model[0].parameters()), list(model[2].parameters())]
+        (first,) = measure_ics(model, sum_squares, batch, torch.optim.SGD(model.parameters(), lr=0.1), layers,
+                               which=[0])
+        assert (first["l2"], first["cos"]) == (0.0, 1.0), seed
+
+
+def test_cosines_of_parallel_gradients_stay_within_minus_one_and_one():
+    """G' = 2G and G' = -G: the ratio rounds past +-1 for about a third of vectors; a cosine cannot."""
+    for seed in range(20):
+        g = list(torch.randn(2, 9, generator=torch.Generator().manual_seed(seed)))
+        (_, doubled), (_, opposite) = _distances_and_cosines([(g, [2 * t for t in g]), (g, [-t for t in g])])
+        assert 1 - 1e-15 < doubled <= 1.0 and -1.0 <= opposite < -1 + 1e-15, seed
+
+
 # --- the paper's networks -------------------------------------------------------------------------------
 
 
@@ -356,10 +378,69 @@ def test_layers_before_i_without_update_give_no_shift(kind, norm, noise):
     set_noise_step(model, 5)
     (result,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[i])
     assert result["l2"] == 0.0
-    assert result["cos"] == pytest.approx(1.0, abs=1e-12)
+    assert result["cos"] == 1.0
     optimizer.param_groups[0]["lr"] = 0.1
     (moved,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[i])
     assert moved["l2"] > 0  # and the same layer does shift once the prefix moves
+
+
+class OldStyleSGD(torch.optim.Optimizer):
+    """What hand-written optimisers do and torch's own avoid: weight decay added into ``.grad`` in place
+    (torch's SGD did, before 1.5), a step counter kept in the parameter group (as schedule-free optimisers
+    keep theirs), a state entry that appears only from the second step, and state tensors updated in place."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "steps_taken": 0})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            group["steps_taken"] += 1
+            for p in group["params"]:
+                d_p = p.grad.add_(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                state.setdefault("grad_sum", torch.zeros_like(p)).add_(d_p)
+                if group["steps_taken"] >= 2:
+                    state.setdefault("largest", torch.zeros_like(p)).copy_(torch.maximum(state["largest"], d_p.abs()))
+                p.add_(d_p + 0.1 * state["grad_sum"], alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("use_grad_fields", [True, False], ids=["grad fields", "computing G"])
+def test_an_optimiser_that_writes_into_grad_and_its_groups_is_simulated_and_put_back(use_grad_fields):
+    """W(t+1) is this optimiser's real step (bit for bit the naive scheme's), yet afterwards .grad (which the
+    step wrote into), the group's counter, the state's keys (the step added one) and the state's tensor
+    objects (the optimiser and anything holding them keep using those) are as they were."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    optimizer = OldStyleSGD(model.parameters(), lr=0.1, weight_decay=0.01)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # steps_taken 1: the next step adds "largest" to the state
+    optimizer.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    before = snapshot(model, optimizer)
+    held = {p: dict(optimizer.state[p]) for p in model.parameters()}
+    fast = ics_gradients(model, loss_fn, batch, optimizer, model.layer_params(), use_grad_fields=use_grad_fields)
+    assert_same(before, snapshot(model, optimizer))
+    assert all(optimizer.state[p][k] is v for p, state in held.items() for k, v in state.items())
+    assert_bit_for_bit(fast, brute_force_ics(model, loss_fn, batch, optimizer))
+
+
+class ResidualChain(ChainModel):
+    """A ChainModel whose forward adds each block's input to its output: not the composition of its blocks."""
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_a_chain_model_with_its_own_forward_is_bit_for_bit_the_naive_scheme():
+    model, loss_fn, batch = small_problem("dln", "batchnorm")
+    model = ResidualChain(list(model.blocks))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # momentum buffers exist
+    assert_bit_for_bit(ics_gradients(model, loss_fn, batch, optimizer, model.layer_params()),
+                       brute_force_ics(model, loss_fn, batch, optimizer))
 
 
 # --- models the repo has never seen: nn.Sequential ---------------------------------------------------------
@@ -392,13 +473,23 @@ def double_the_output(module, inputs, output):
     return 2 * output
 
 
-@pytest.mark.parametrize("variant", ["plain", "reversed layers", "hooked container"])
+class TripledSequential(nn.Sequential):
+    """A Sequential whose own forward is not just the composition of its stages."""
+
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+@pytest.mark.parametrize("variant", ["plain", "reversed layers", "hooked container", "subclass with its own forward"])
 def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     """An nn.Sequential takes the shared-prefix path, which must give the naive scheme's G and G' exactly:
     the dropout masks differ between draws, so this holds only if every suffix starts from the random
     state a full pass has there. Layers out of forward order, or a hook on the container (which calling
-    the stages one by one would skip), must send it down the general path and still be exact."""
+    the stages one by one would skip), or a subclass with its own forward, must send it down the general path
+    and still be exact."""
     model = small_sequential()
+    if variant == "subclass with its own forward":
+        model = TripledSequential(*model)
     layers_of = reversed_layers if variant == "reversed layers" else sequential_layers
     if variant == "hooked container":
         model.register_forward_hook(double_the_output)

@@ -109,6 +109,22 @@ def test_quadratic_along_a_given_direction(batched):
     assert result["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_at_a_stationary_point_nothing_moves_and_beta_is_undefined(batched):
+    """At w = 0 the quadratic's gradient is 0: every eta evaluates w itself (loss 0, gradient unchanged) and
+    beta, a ratio over ||eta g|| = 0, is NaN, not a ZeroDivisionError that would end the training run.
+    The same along a zero direction from anywhere."""
+    a, w, _, _ = quadratic()
+    at_minimum = probe_landscape(Quadratic(a, torch.zeros_like(w)), loss_is_output, BATCH, ETAS, batched=batched)
+    assert at_minimum["loss"] == at_minimum["grad_diff"] == [0.0] * len(ETAS) and at_minimum["grad_norm"] == 0.0
+    assert math.isnan(at_minimum["beta"])
+    standing = probe_landscape(Quadratic(a, w), loss_is_output, BATCH, ETAS, direction=[torch.zeros_like(w)],
+                               batched=batched)
+    assert standing["loss"] == [pytest.approx(float(0.5 * w @ a @ w), rel=1e-12)] * len(ETAS)
+    # (batched, the gradient at w is vmap's, which rounds apart from the one computed unbatched)
+    assert standing["grad_diff"] == pytest.approx([0.0] * len(ETAS), abs=1e-12) and math.isnan(standing["beta"])
+
+
 class CancellingExponentials(nn.Module):
     """L(w) = 0.5 w^2 + (e^w - e^w): gradient w, until e^w overflows float32 (w > 88.7) and both are NaN."""
 
@@ -299,6 +315,8 @@ def test_auto_batches_convolution_free_models_on_cpu_unless_a_pass_may_change_bu
     assert vmap_pays(small_problem("dln", "batchnorm")[0])
     assert not vmap_pays(small_problem("vgg", "batchnorm")[0])
     assert not vmap_pays(stateful_model("spectral norm"))
+    # off the CPU, where nothing was measured, the loop (on any device: the meta device stands in for a GPU)
+    assert not vmap_pays(small_problem("dln", "batchnorm")[0].to("meta"))
 
 
 @pytest.mark.parametrize("kind", ["counter in place", "counter through .data", "counter reassigned", "spectral norm"])

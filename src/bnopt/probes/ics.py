@@ -144,7 +144,9 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     out = []
     for l2_i, dot, na, nb in torch.stack([l2, dots, norm_a, norm_b], dim=1).tolist():
         cos = dot / (na * nb) if na > 0 and nb > 0 else float("nan")
-        if math.isfinite(cos):
+        if l2_i == 0 and math.isfinite(cos):
+            cos = 1.0  # G' = G: the ratio, whose norms round apart from the dot product, can miss 1 by ulps
+        elif math.isfinite(cos):
             cos = min(1.0, max(-1.0, cos))  # rounding can overshoot by an ulp
         else:  # a gradient that overflowed (inf / inf): undefined, and min/max would turn NaN into -1
             cos = float("nan")

@@ -93,7 +93,7 @@ def vmap_pays(model: nn.Module) -> bool:
     convolutions, unless a module keeps buffers outside normalisation's switch, which a pass may change
     (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them back
     between passes. (Noisy layers batch: their draws come from their own generator, the same at every eta.)"""
-    on_cpu = all(not p.is_cuda for p in model.parameters())
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())  # the only device measured
     return on_cpu and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules())
 
 
