@@ -10,6 +10,7 @@ from torch import nn
 from bnopt.norms import set_noise_step
 from bnopt.probes import ics_gradients, measure_ics, probe_landscape
 from bnopt.probes.landscape import vmap_pays
+from bnopt.probes.loop import LandscapeProbe
 from conftest import assert_same, snapshot
 from test_ics import assert_bit_for_bit, brute_force_ics, small_problem
 
@@ -368,3 +369,38 @@ def test_grad_fields_give_the_same_answer_as_computing_the_gradient():
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="no .grad"):
         probe_landscape(model, loss_fn, batch, [0.1], use_grad_fields=True)
+
+
+def test_the_loops_random_direction_has_the_gradients_norm_and_is_drawn_per_seed_and_step():
+    """``probes.landscape.direction=random``: a Gaussian direction scaled to ||g||, a function of (seed,
+    step) alone (global random state untouched), so each measured step gets its own and a rerun the same."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    loss_fn(model(batch[0]), batch[1]).backward()
+    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+
+    def direction(seed, step):
+        probe = LandscapeProbe(model, loss_fn, lambda *a, **k: None, [0.1], 1, "random", seed)
+        return [t.double() for t in probe.random_direction(step)]
+
+    rng = torch.get_rng_state()
+    first = direction(3, 100)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert math.sqrt(sum(float(t.pow(2).sum()) for t in first)) == pytest.approx(grad_norm, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(first, direction(3, 100)))
+    for other in (direction(3, 200), direction(4, 100)):
+        assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_the_loops_landscape_rows_are_the_probes_results():
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    loss_fn(model(batch[0]), batch[1]).backward()
+    rows = []
+    probe = LandscapeProbe(model, loss_fn, lambda step, name, value, eta=None: rows.append((step, name, value, eta)),
+                           [0.05, 0.2], 1, "gradient", 0)
+    probe.after_backward(7, batch)
+    expected = probe_landscape(model, loss_fn, batch, [0.05, 0.2])
+    assert rows == [(7, name, pytest.approx(value, rel=1e-9), eta)
+                    for eta, loss, diff in zip(expected["eta"], expected["loss"], expected["grad_diff"])
+                    for name, value in (("landscape/loss", loss), ("landscape/grad_diff", diff))] + [
+        (7, "landscape/beta", pytest.approx(expected["beta"], rel=1e-9), None),
+        (7, "landscape/grad_norm", pytest.approx(expected["grad_norm"], rel=1e-9), None)]

@@ -26,6 +26,8 @@ def test_dln_run_writes_the_results_contract(tmp_path):
     assert "train/acc" not in set(metrics.name) and "test/loss" not in set(metrics.name)  # regression: loss only
     ics = metrics[metrics.name == "ics/l2"]
     assert ics.step.unique().tolist() == [0, 10, 20] and sorted(ics.layer.unique()) == [9, 17]
+    cos = metrics[metrics.name == "ics/cos"]
+    assert cos[["step", "layer"]].values.tolist() == ics[["step", "layer"]].values.tolist()
     land = metrics[metrics.name == "landscape/loss"]
     assert sorted(land.eta.unique()) == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5, 3e-5])
     assert set(metrics[metrics.name.str.startswith("landscape/b")].name) == {"landscape/beta"}
