@@ -9,7 +9,10 @@ import pytest
 import torch
 import yaml
 
+from bnopt.build import build_model
+from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
+from bnopt.seeding import seed_everything
 from conftest import compose_config, read_rows, train_run
 
 
@@ -160,3 +163,35 @@ def test_mnist_format_run_logs_train_and_test_accuracy(tmp_path, mnist_root):
               "data.download=false")
     names = set(pd.read_csv(tmp_path / "metrics.csv").name)
     assert {"train/acc", "train/loss", "test/acc", "test/loss", "act/q15", "act/q85"} <= names
+
+
+def test_the_loop_is_sgd_on_the_streams_batches_written_out_by_hand(tmp_path, mnist_root):
+    """The trained weights and BN statistics equal a hand-written momentum SGD with weight decay and a step
+    schedule on the same batches: gradients are not accumulated across steps, evaluation (eval mode, every
+    10 steps here) and the activation probe leave training alone, and nothing else steps."""
+    overrides = ("+experiment=mnist_bn", "scale=smoke", f"data.root={mnist_root}", "data.download=false",
+                 "optim.momentum=0.9", "optim.weight_decay=0.01", "optim.schedule=multistep", "optim.milestones=[5]",
+                 "train.steps=12")
+    train_run(tmp_path, *overrides)
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+
+    cfg = compose_config(*overrides)
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
+    model = build_model(cfg, data)
+    batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed)
+    momentum, weight_decay = cfg.optim.momentum, cfg.optim.weight_decay
+    params = list(model.parameters())
+    velocity = [None] * len(params)
+    for step in range(cfg.train.steps):
+        lr = cfg.optim.lr * (cfg.optim.gamma if step >= 5 else 1)
+        x, y = batches.next()
+        grads = torch.autograd.grad(data.loss_fn(model(x), y), params)
+        with torch.no_grad():
+            for k, (p, g) in enumerate(zip(params, grads)):
+                d = g.add(p, alpha=weight_decay)
+                velocity[k] = d.clone() if velocity[k] is None else velocity[k].mul_(momentum).add_(d)
+                p.add_(velocity[k], alpha=-lr)
+    by_hand = model.state_dict()
+    assert trained.keys() == by_hand.keys()
+    assert all(torch.equal(trained[k], by_hand[k]) for k in trained)
