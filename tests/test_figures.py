@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bnopt.figures import FIGURES, Missing, density_image, draw, fig_lr_sweep
+from bnopt.figures import FIGURES, LABELS, Missing, density_image, draw, fig_lr_sweep, result_sets
 from bnopt.results import RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, assert_every_figure_drawn, compose_config
@@ -260,3 +260,48 @@ def test_the_committed_results_still_draw_every_figure_and_the_report(tmp_path):
     report = subprocess.run([sys.executable, str(REPO / "scripts/report.py")], capture_output=True, text=True)
     assert report.returncode == 0 and not report.stderr, report.stderr
     assert "| BatchNorm | 0.1 | 1200 |" in report.stdout  # REPRODUCTION.md, claim 1: 1,200 steps to 90%
+
+
+def mean_over_seeds(runs, name: str, layer=None, per_step=None) -> pd.Series:
+    """Written out with pandas from the metrics rows: each run's series (or its per-step ``min``/``max``
+    over step sizes), then the mean over runs at every step."""
+    columns = []
+    for run in runs:
+        rows = run.metrics[(run.metrics.name == name) & ((run.metrics.layer == layer) if layer else True)]
+        by_step = rows.groupby("step")["value"]
+        columns.append(getattr(by_step, per_step)() if per_step else by_step.first())
+    return pd.concat(columns, axis=1).mean(axis=1)
+
+
+def lines_of(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines()}
+
+
+def test_the_ics_and_landscape_panels_plot_the_runs_values(results):
+    """Read back from the axes of Fig. 3 (DLN) and Fig. 9: each variant's line is the mean over its seeds at
+    that learning rate and layer, and the landscape bands' edges are the mean over seeds of each step's
+    minimum and maximum over the step sizes. Drawing alone would not show a wrong layer, run or statistic."""
+    runs = load_runs([results])
+    dln = result_sets(runs, "dln", False)["cpu-gaussian_regression"]
+    sets = {"vgg": result_sets(runs, "vgg", False)["cpu-fashion_mnist"], "dln": dln}
+    _, ics_figure = FIGURES["3"].draw(sets, Missing())
+    axes = np.array(ics_figure.axes).reshape(5, 2)
+    for j, lr in enumerate((1e-6, 1e-7)):
+        for k, layer in enumerate((9, 17)):
+            for row, name in ((1 + 2 * k, "ics/l2"), (2 + 2 * k, "ics/cos")):
+                for norm in ("none", "batchnorm"):
+                    expected = mean_over_seeds(select(dln, norm__name=norm, optim__lr=lr), name, layer)
+                    line = lines_of(axes[row, j])[LABELS[norm]]
+                    np.testing.assert_allclose(line.get_ydata(), expected.values, rtol=1e-12)
+                    np.testing.assert_array_equal(line.get_xdata(), expected.index)
+    landscape = FIGURES["9"].draw(sets, Missing())
+    loss_ax, diff_ax, beta_ax = landscape.axes
+    for i, norm in enumerate(("none", "batchnorm")):
+        chosen = select(dln, norm__name=norm, optim__lr=1e-6)
+        for ax, name in ((loss_ax, "landscape/loss"), (diff_ax, "landscape/grad_diff")):
+            low, high = [line.get_ydata() for line in ax.get_lines()[2 * i : 2 * i + 2]]
+            np.testing.assert_allclose(low, mean_over_seeds(chosen, name, per_step="min").values, rtol=1e-12)
+            np.testing.assert_allclose(high, mean_over_seeds(chosen, name, per_step="max").values, rtol=1e-12)
+        beta = lines_of(beta_ax)[LABELS[norm]].get_ydata()
+        np.testing.assert_allclose(beta, mean_over_seeds(chosen, "landscape/beta").values, rtol=1e-12)
+    plt.close("all")
