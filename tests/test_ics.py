@@ -212,8 +212,8 @@ def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
 
 
 def test_cosine_of_a_gradient_with_itself_is_exactly_one():
-    """Layer 0 has G' = G. The float64 ratio dot / (norm * norm) lands an ulp above 1 for about a third of
-    vectors (rounding in the norms), which is not a cosine; it must come out as 1.0 exactly."""
+    """Layer 0 has G' = G. The float64 ratio dot / (norm * norm) misses 1 by an ulp or two, either way, for
+    more than half of vectors (the norms round apart from the dot product); it must come out as 1.0 exactly."""
     for seed in range(20):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
