@@ -305,3 +305,34 @@ def test_the_ics_and_landscape_panels_plot_the_runs_values(results):
         beta = lines_of(beta_ax)[LABELS[norm]].get_ydata()
         np.testing.assert_allclose(beta, mean_over_seeds(chosen, "landscape/beta").values, rtol=1e-12)
     plt.close("all")
+
+
+def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(results):
+    """Read back from the axes: Fig. 7's four moment panels, Fig. 2's median lines (the quantile band of
+    Figs. 1, 2, 8, 14) and the learning-rate figure's points, against the runs' rows."""
+    runs = load_runs([results])
+    vgg = result_sets(runs, "vgg", False)["cpu-fashion_mnist"]
+    norms = ("none", "batchnorm", "noisy_batchnorm")
+    first = {norm: select(vgg, norm__name=norm, optim__lr=0.1)[0] for norm in norms}
+    moments = np.array(FIGURES["7"].draw({"vgg": vgg}, Missing()).axes).reshape(3, 4)
+    quantiles = FIGURES["2"].draw({"vgg": vgg}, Missing()).axes
+    for i, layer in enumerate((2, 9, 13)):
+        for n, norm in enumerate(norms):
+            mean, var = (first[norm].series(name, layer) for name in ("act/mean", "act/var"))
+            expected = (mean.diff().abs(), var.diff().abs(), mean - mean.iloc[0], var - var.iloc[0])
+            for ax, values in zip(moments[i], expected):
+                np.testing.assert_allclose(lines_of(ax)[LABELS[norm]].get_ydata(), values.values, rtol=1e-12)
+            median = quantiles[1 + i].get_lines()[n]
+            np.testing.assert_array_equal(median.get_ydata(), first[norm].series("act/q50", layer).values)
+
+    sweeps = {model: next(iter(result_sets(runs, model, True).values())) for model in ("vgg", "dln", "mlp")}
+    loss_axes = FIGURES["lr_sweep"].draw(sweeps, Missing()).axes[:3]
+    for ax, model in zip(loss_axes, ("vgg", "dln", "mlp")):
+        for norm in ("none", "batchnorm"):
+            finished = [r for r in select(sweeps[model], norm__name=norm) if r.status != "diverged"]
+            by_lr = pd.DataFrame([(r.get("optim.lr"), r.summary["final"]["train/loss"]) for r in finished],
+                                 columns=["lr", "loss"]).groupby("lr").loss.mean()
+            (points,) = [c.lines[0] for c in ax.containers if c.get_label() == LABELS[norm]]
+            np.testing.assert_allclose(np.asarray(points.get_xdata(), dtype=float), by_lr.index)
+            np.testing.assert_allclose(np.asarray(points.get_ydata(), dtype=float), by_lr.values, rtol=1e-12)
+    plt.close("all")
