@@ -34,6 +34,18 @@ def test_truncated_idx_file_is_refused(tmp_path):
         read_idx(path)
 
 
+def test_an_idx_file_of_another_element_type_is_refused(tmp_path):
+    """Byte 2 of the magic number is the element type. Only 0x08 (unsigned byte, what MNIST's files hold) is
+    read; values of any other type (here 0x0D, float32) would be misread as bytes."""
+    images, _ = labelled_images(5, (28, 28), seed=0)
+    path = write_idx(tmp_path / "images", images, gzipped=False)
+    raw = bytearray(path.read_bytes())
+    raw[2] = 0x0D
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(path)
+
+
 def _cut_short(path):
     path.write_bytes(path.read_bytes()[:-10])
 
@@ -136,8 +148,9 @@ def test_load_data_normalises_per_channel_with_training_statistics(cifar_root):
 def test_load_data_subsets_take_the_first_samples(mnist_root):
     full = load_data(data_cfg("mnist", mnist_root), seed=0)
     small = load_data(data_cfg("mnist", mnist_root, max_train_samples=50, max_test_samples=10), seed=0)
-    assert len(small.train_x) == 50 and len(small.test_x) == 10
-    assert torch.equal(small.train_x, full.train_x[:50])
+    assert len(small.train_x) == len(small.train_y) == 50 and len(small.test_x) == len(small.test_y) == 10
+    assert torch.equal(small.train_x, full.train_x[:50]) and torch.equal(small.train_y, full.train_y[:50])
+    assert torch.equal(small.test_x, full.test_x[:10]) and torch.equal(small.test_y, full.test_y[:10])
 
 
 def test_gaussian_regression_is_fixed_by_the_seed_and_linear():

@@ -12,6 +12,7 @@ import yaml
 from bnopt.build import build_model
 from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
+from bnopt.rundir import MetricsWriter, RunDirectory
 from bnopt.seeding import seed_everything
 from conftest import compose_config, read_rows, train_run
 
@@ -195,3 +196,27 @@ def test_the_loop_is_sgd_on_the_streams_batches_written_out_by_hand(tmp_path, mn
     by_hand = model.state_dict()
     assert trained.keys() == by_hand.keys()
     assert all(torch.equal(trained[k], by_hand[k]) for k in trained)
+
+
+def test_summary_json_is_strict_json_even_with_nan_and_inf(tmp_path):
+    """A final metric can be NaN or inf (a test loss that overflowed; on a GPU the loss is checked only at
+    logging steps). Python's json would write the bare tokens NaN and Infinity, which jq, JavaScript and
+    other strict readers refuse; they are written as strings."""
+    run = RunDirectory(tmp_path)
+    run.write_summary({"status": "completed", "final": {"test/loss": float("inf"), "train/loss": float("nan")}})
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert on_disk["final"] == {"test/loss": "inf", "train/loss": "nan"}
+
+
+def test_each_metrics_row_reaches_the_file_when_it_is_logged(tmp_path):
+    """A run killed outright (SIGKILL, out of memory) keeps every row it logged: rows are not held in a
+    buffer until the file closes."""
+    writer = MetricsWriter(tmp_path / "metrics.csv")
+    writer.log(0, "train/loss", 1.5)
+    writer.log(0, "ics/l2", 0.25, layer=9)
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[-2:] == ["0,train/loss,1.5,,", "0,ics/l2,0.25,9,"]
+    writer.close()
