@@ -170,6 +170,8 @@ def test_aggregate_keeps_diverged_runs_up_to_where_they_stopped():
     b = pd.Series([3.0], index=[0])
     stats = aggregate([a, b])
     assert stats["n"].tolist() == [2, 1, 1] and stats["mean"].tolist() == [2.0, 2.0, 3.0]
+    skewed = aggregate([a, b, pd.Series([8.0], index=[0])])  # the mean over seeds, not the median
+    assert skewed.loc[0].tolist() == [4.0, 1.0, 8.0, 3]
 
 
 # --- files that cannot be parsed -----------------------------------------------------------------------
