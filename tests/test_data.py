@@ -26,28 +26,26 @@ def test_idx_files_round_trip(tmp_path, gzipped):
     assert np.array_equal(read_idx(path), images)
 
 
-def test_truncated_idx_file_is_refused(tmp_path):
-    images, _ = labelled_images(5, (28, 28), seed=0)
-    path = write_idx(tmp_path / "images", images, gzipped=False)
+def _cut_short(path):
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match="truncated"):
-        read_idx(path)
 
 
-def test_an_idx_file_of_another_element_type_is_refused(tmp_path):
+def _declare_float32_elements(path):
     """Byte 2 of the magic number is the element type. Only 0x08 (unsigned byte, what MNIST's files hold) is
     read; values of any other type (here 0x0D, float32) would be misread as bytes."""
-    images, _ = labelled_images(5, (28, 28), seed=0)
-    path = write_idx(tmp_path / "images", images, gzipped=False)
     raw = bytearray(path.read_bytes())
     raw[2] = 0x0D
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+
+
+@pytest.mark.parametrize("damage, reason", [(_cut_short, "truncated"),
+                                            (_declare_float32_elements, "not an unsigned-byte IDX file")])
+def test_a_damaged_idx_file_is_refused(tmp_path, damage, reason):
+    images, _ = labelled_images(5, (28, 28), seed=0)
+    path = write_idx(tmp_path / "images", images, gzipped=False)
+    damage(path)
+    with pytest.raises(ValueError, match=reason):
         read_idx(path)
-
-
-def _cut_short(path):
-    path.write_bytes(path.read_bytes()[:-10])
 
 
 def _replace_with_a_web_page(path):

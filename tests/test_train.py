@@ -185,7 +185,7 @@ def test_the_loop_is_sgd_on_the_streams_batches_written_out_by_hand(tmp_path, mn
     params = list(model.parameters())
     velocity = [None] * len(params)
     for step in range(cfg.train.steps):
-        lr = cfg.optim.lr * (cfg.optim.gamma if step >= 5 else 1)
+        lr = cfg.optim.lr * (cfg.optim.gamma if step >= cfg.optim.milestones[0] else 1)
         x, y = batches.next()
         grads = torch.autograd.grad(data.loss_fn(model(x), y), params)
         with torch.no_grad():
