@@ -39,12 +39,73 @@ from conftest import REPO, compose_config, read_rows, run_cli, train_run
     (["model=mlp", "data=mnist", "train.channels_last=true"], "train.channels_last"),  # GPU options
     (["+experiment=noisy_bn", "train.compile=true"], "train.compile"),
     (["train.tf32=maybe"], "train.tf32"),
+    # one bad value for every other check, so that none can be dropped unnoticed
+    (["name=a/b"], "name"),
+    (["name="], "name"),
+    (["seed=-1"], "seed"),
+    (["device=cuda:x"], "device"),
+    (["threads=0"], "threads"),
+    (["model.name=resnet"], "model.name"),
+    (["model.width=0"], "model.width"),
+    (["model.bias=maybe"], "model.bias"),
+    (["model=mlp", "data=mnist", "model.hidden=[100,0]"], "model.hidden"),
+    (["model=mlp", "data=mnist", "model.init_std=he"], "model.init_std"),
+    (["model=mlp", "data=mnist", "model.init_std=-1"], "model.init_std"),
+    (["+experiment=dln_bn", "model.depth=0"], "model.depth"),
+    (["data.name=imagenet"], "data.name"),
+    (["+experiment=dln_bn", "data.n_samples=0"], "data.n_samples"),
+    (["+experiment=dln_bn", "data.dim=0"], "data.dim"),
+    (["+experiment=dln_bn", "data.loss_scale=0"], "data.loss_scale"),
+    (["+experiment=dln_bn", "data.seed=-1"], "data.seed"),
+    (["model=mlp", "data=gaussian_regression"], "model.name"),
+    (["data.root="], "data.root"),
+    (["data.download=maybe"], "data.download"),
+    (["data.augment=maybe"], "data.augment"),
+    (["data.max_train_samples=0"], "data.max_train_samples"),
+    (["data.max_test_samples=0"], "data.max_test_samples"),
+    (["data.num_classes=0"], "data.num_classes"),
+    (["model=mlp", "data=fashion_mnist", "data.search_paths=[1]"], "data.search_paths"),
+    (["norm.kind=groupnorm"], "norm.kind"),
+    (["norm=batchnorm", "norm.eps=0"], "norm.eps"),
+    (["norm=batchnorm", "norm.momentum=1.5"], "norm.momentum"),
+    (["norm=noisy_batchnorm", "norm.noise.n_mu=-1"], "norm.noise.n_mu"),
+    (["norm=noisy_batchnorm", "norm.noise.r_mu=-1"], "norm.noise.r_mu"),
+    (["norm=noisy_batchnorm", "norm.noise.r_sigma=-1"], "norm.noise.r_sigma"),
+    (["optim.name=adam"], "optim.name"),
+    (["optim.weight_decay=-1"], "optim.weight_decay"),
+    (["optim.nesterov=maybe"], "optim.nesterov"),
+    (["optim.schedule=linear"], "optim.schedule"),
+    (["optim.schedule=multistep", "optim.milestones=[]"], "optim.milestones"),
+    (["optim.schedule=multistep", "optim.milestones=[100]", "optim.gamma=0"], "optim.gamma"),
+    (["train.eval_every=0"], "train.eval_every"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every"),
+    (["train.eval_batch_size=0"], "train.eval_batch_size"),
+    (["train.channels_last=maybe"], "train.channels_last"),
+    (["train.compile=maybe"], "train.compile"),
+    (["+probes.ics.every=3"], "probes.ics"),
+    (["probes=[ics]", "probes.ics.every=0"], "probes.ics.every"),
+    (["probes=[ics]", "probes.ics.layers=[0]"], "probes.ics.layers"),
+    (["probes=[landscape]", "probes.landscape.direction=sideways"], "probes.landscape.direction"),
+    (["probes=[landscape]", "probes.landscape.batched=sometimes"], "probes.landscape.batched"),
+    (["probes=[activations]", "probes.activations.layers=[]"], "probes.activations.layers"),
+    (["probes=[activations]", "probes.activations.bins=0"], "probes.activations.bins"),
+    (["optim.lr=${nowhere}"], "optim.lr"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(overrides, key):
     with pytest.raises(ConfigError) as err:
         check_config(compose_config(*overrides))
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}=") and "is not allowed:" in str(err.value)
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_passes_the_checks_at_every_scale(experiment):
+    """What a user runs must not stop at the checks: each experiment, as shipped, at each scale preset."""
+    for scale in ("paper", "cpu", "smoke"):
+        check_config(compose_config(f"+experiment={experiment}", f"scale={scale}"))
 
 
 def test_a_probe_layer_that_does_not_exist_and_a_batch_larger_than_the_data_set():
@@ -162,6 +223,7 @@ def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uni
     assert again.returncode == 0 and "already completed" in again.stdout
     assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={uninterrupted}"),
                           "another config", "optim.lr: 1e-06 -> 2e-06")
+    assert json.loads((uninterrupted / "summary.json").read_text())["status"] == "completed"  # not "failed"
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt")
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
@@ -201,3 +263,31 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
     monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
     assert train_run(tmp_path, "+experiment=dln_bn", "scale=smoke")["status"] == "completed"
     assert f"cannot lock {tmp_path / '.lock'} (No locks available)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("in_sweep", [False, True], ids=["single run", "sweep job"])
+def test_a_job_that_crashes_fails_alone_in_a_sweep_and_with_its_traceback_in_a_single_run(
+        tmp_path, monkeypatch, caplog, in_sweep):
+    """An unexpected exception (a bug, not a user error) ends a single run with its traceback; in a sweep it is
+    logged with the job's directory and the other jobs go on."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from bnopt import cli
+
+    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path)), launcher=None,
+                                mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN)
+    monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+
+    def crash(cfg, run_dir):
+        raise RuntimeError("a bug in the loop")
+
+    monkeypatch.setattr(cli, "train", crash)
+    cfg = compose_config("+experiment=dln_bn", "device=cpu")
+    if in_sweep:
+        assert cli.main(cfg) is None
+        assert f"job {tmp_path} failed; the sweep goes on" in caplog.text and "a bug in the loop" in caplog.text
+    else:
+        with pytest.raises(RuntimeError, match="a bug in the loop"):
+            cli.main(cfg)

@@ -338,3 +338,74 @@ def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(resul
             np.testing.assert_allclose(np.asarray(points.get_xdata(), dtype=float), by_lr.index)
             np.testing.assert_allclose(np.asarray(points.get_ydata(), dtype=float), by_lr.values, rtol=1e-12)
     plt.close("all")
+
+
+def test_the_remaining_panels_plot_the_chosen_runs_metric_and_layer(results):
+    """Read back from the axes of the figures the two tests above leave out: each panel shows its own metric,
+    layer, learning rate and normalisation (Figs. 1, 3 (VGG), 8, 10, 11-14, Ioffe & Szegedy's Fig. 1)."""
+    runs = load_runs([results])
+    vgg = result_sets(runs, "vgg", False)["cpu-fashion_mnist"]
+    dln = result_sets(runs, "dln", False)["cpu-gaussian_regression"]
+    mlp = result_sets(runs, "mlp", False)["cpu-fashion_mnist"]
+    sets = {"vgg": vgg, "dln": dln, "mlp": mlp}
+
+    def first(chosen, norm, lr=None):
+        return select(chosen, norm__name=norm, **({} if lr is None else {"optim__lr": lr}))[0]
+
+    def assert_plots(line, series):
+        np.testing.assert_array_equal(line.get_xdata(), series.index)
+        np.testing.assert_allclose(line.get_ydata(), series.values, rtol=1e-12)
+
+    fig1 = np.array(FIGURES["1"].draw(sets, Missing()).axes).reshape(2, 2)
+    for lr, style in ((0.1, "-"), (0.5, "--")):
+        for norm in ("none", "batchnorm"):
+            for ax, name in ((fig1[0, 0], "train/acc"), (fig1[0, 1], "test/acc")):
+                line = lines_of(ax)[f"{LABELS[norm]}, lr {lr:g}"]
+                assert line.get_linestyle() == style
+                assert_plots(line, first(vgg, norm, lr).series(name))
+    for ax, layer in zip(fig1[1], (3, 11)):
+        for n, norm in enumerate(("none", "batchnorm")):
+            assert_plots(ax.get_lines()[n], first(vgg, norm, 0.1).series("act/q50", layer))
+
+    fig3_vgg, _ = FIGURES["3"].draw(sets, Missing())
+    fig3 = np.array(fig3_vgg.axes).reshape(5, 2)
+    for j, lr in enumerate((0.1, 0.01)):
+        for norm in ("none", "batchnorm"):
+            run = first(vgg, norm, lr)
+            assert_plots(lines_of(fig3[0, j])[LABELS[norm]], run.series("train/acc"))
+            for row, name, layer in ((1, "ics/l2", 5), (2, "ics/cos", 5), (3, "ics/l2", 10), (4, "ics/cos", 10)):
+                assert_plots(lines_of(fig3[row, j])[LABELS[norm]], run.series(name, layer))
+
+    fig8 = np.array(FIGURES["8"].draw(sets, Missing()).axes).reshape(2, 3)
+    for ax, layer in zip(fig8[1], (1, 11, 24)):
+        assert_plots(ax.get_lines()[0], first(dln, "batchnorm", 1e-6).series("act/q50", layer))
+
+    fig10 = FIGURES["10"].draw(sets, Missing()).axes[:4]  # then the colour bars
+    for ax, (chosen, norm, lr) in zip(fig10, [(vgg, "none", 0.1), (vgg, "batchnorm", 0.1), (dln, "none", 1e-6),
+                                              (dln, "batchnorm", 1e-6)]):
+        rows = first(chosen, norm, lr).metrics.query("name == 'landscape/grad_diff'")
+        assert len(ax.get_lines()) == rows.step.nunique()  # fewer than 50 measurements: one curve each
+        for line, (_, at) in zip(ax.get_lines(), rows.groupby("step")):
+            at = at.sort_values("eta")
+            np.testing.assert_array_equal(line.get_xdata(), at.eta)
+            np.testing.assert_array_equal(line.get_ydata(), at.value)
+
+    fig11, fig12 = FIGURES["11"].draw(sets, Missing()).axes, FIGURES["12"].draw(sets, Missing()).axes
+    fig13 = FIGURES["13"].draw(sets, Missing()).axes
+    fig14 = np.array(FIGURES["14"].draw(sets, Missing()).axes).reshape(2, 5)
+    for j, norm in enumerate(("none", "batchnorm", "lp1", "lp2", "lpinf")):
+        vgg_acc = first(vgg, norm, 0.1).series("train/acc")
+        dln_loss = mean_over_seeds(select(dln, norm__name=norm, optim__lr=1e-6), "train/loss")
+        assert_plots(lines_of(fig11[0])[LABELS[norm]], vgg_acc)
+        assert_plots(lines_of(fig13[0])[LABELS[norm]], vgg_acc)
+        assert_plots(lines_of(fig12[0])[LABELS[norm]], dln_loss)
+        assert_plots(lines_of(fig13[1])[LABELS[norm]], dln_loss)
+        assert_plots(fig14[1, j].get_lines()[0], first(vgg, norm, 0.1).series("act/q50", 11))
+
+    is1 = FIGURES["is1"].draw(sets, Missing()).axes
+    for ax, norm in ((is1[1], "none"), (is1[2], "batchnorm")):
+        run = first(mlp, norm)
+        assert_plots(lines_of(is1[0])[LABELS[norm]], run.series("test/acc"))
+        for q in (15, 50, 85):  # of the last hidden layer, the one the MLP's probe records
+            assert_plots(lines_of(ax)[f"{q}th percentile"], run.series(f"act/q{q}", 3))
+    plt.close("all")

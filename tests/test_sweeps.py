@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 import bnopt.train
-from bnopt.sweeps import gpu_slot, job_threads
+from bnopt.sweeps import gpu_slot, index_rows, job_threads
 from conftest import REPO, read_rows, run_cli, train_run
 
 
@@ -103,6 +104,25 @@ def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
                                   str(tmp_path)], capture_output=True, text=True)
     assert with_a_typo.returncode == 1 and f"{tmp_path / 'nope'}: not a directory" in with_a_typo.stderr
     assert [r["dir"] for r in read_index(tmp_path)] == ["0", "1"]  # the other directory is indexed all the same
+
+
+def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tmp_path):
+    for num, summary in ((10, '{"status": "completed", "steps": 30, "final": {"train/loss": 0.5}}'), (2, None),
+                         (3, '{"status": "diverged", "steps": 7, "error": null}')):
+        job = tmp_path / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        hydra = {"hydra": {"job": {"num": num}, "overrides": {"task": [f"seed={num}", "norm=none"]}}}
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        if summary:  # job 2 was killed before it wrote one
+            (job / "summary.json").write_text(summary)
+    (tmp_path / "notes").mkdir()  # a user's own directory beside the jobs
+    warnings = []
+    rows = index_rows(tmp_path, warn=warnings.append)
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("2", "seed=2 norm=none", "unknown"), ("3", "seed=3 norm=none", "diverged"),
+        ("10", "seed=10 norm=none", "completed")]  # by number: "10" sorts before "2" as text
+    assert (rows[1]["steps"], rows[1]["error"], rows[2]["train/loss"], rows[2]["test/acc"]) == (7, "", 0.5, "")
+    assert warnings == [f"index: {tmp_path / '2' / 'summary.json'}: missing"]
 
 
 # --- resume, deterministically -------------------------------------------------------------------------

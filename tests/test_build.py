@@ -1,0 +1,78 @@
+"""Objects built from a config (`bnopt.build`): the device a name resolves to, the norm's and optimiser's
+settings reaching the objects, the learning-rate schedules, and data a model cannot take."""
+
+import math
+
+import pytest
+import torch
+
+from bnopt.build import build_model, build_optimizer, resolve_device
+from bnopt.config import ConfigError
+from bnopt.data import TensorData, sum_squared_loss
+from bnopt.norms import LpNorm, NoisyNorm, NoiseSpec
+from conftest import compose_config
+
+
+def images(n, c, h, w, num_classes=10):
+    return TensorData("images", torch.zeros(n, c, h, w), torch.zeros(n, dtype=torch.long), None, None, num_classes,
+                      torch.nn.functional.cross_entropy)
+
+
+def test_device_names_resolve_to_the_machines_devices_or_fail_naming_the_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device='cuda' .* CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="device='cuda:2' .* 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_the_norms_settings_reach_every_norm_layer():
+    data = images(4, 1, 28, 28)
+    cfg = compose_config("model=mlp", "data=mnist", "norm=lp2", "norm.eps=0.01", "norm.momentum=0.3")
+    norms = [m for m in build_model(cfg, data).modules() if isinstance(m, LpNorm)]
+    assert len(norms) == 3 and all((n.p, n.eps, n.momentum) == (2.0, 0.01, 0.3) for n in norms)
+    cfg = compose_config("model=mlp", "data=mnist", "norm=noisy_batchnorm", "norm.momentum=0.3",
+                         "norm.noise.n_sigma=2", "seed=7")
+    noisy = [m for m in build_model(cfg, data).modules() if isinstance(m, NoisyNorm)]
+    assert [n.layer_key for n in noisy] == [0, 1, 2] and all(n.seed == 7 for n in noisy)
+    assert all(n.spec == NoiseSpec(n_sigma=2.0) and n.inner.momentum == 0.3 for n in noisy)
+
+
+def learning_rates(optimizer, schedule, steps):
+    """The learning rate of each of ``steps`` steps, as the loop steps the schedule."""
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: moves nothing
+        schedule.step()
+    return rates
+
+
+def test_the_optimiser_is_sgd_with_the_configs_settings_and_schedule():
+    model = torch.nn.Linear(2, 2)
+    cfg = compose_config("optim.lr=0.2", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=0.001",
+                         "optim.schedule=cosine")
+    optimizer, schedule = build_optimizer(cfg.optim, model, steps=8)
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 0.001)
+    rates = learning_rates(optimizer, schedule, 9)  # cosine annealing to zero over the run's 8 steps
+    assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * t / 8)) for t in range(9)], abs=1e-12)
+
+    cfg = compose_config("optim.lr=0.2", "optim.schedule=multistep", "optim.milestones=[2,4]", "optim.gamma=0.5")
+    optimizer, schedule = build_optimizer(cfg.optim, model, steps=8)
+    assert learning_rates(optimizer, schedule, 6) == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05, 0.05])
+    assert build_optimizer(compose_config("optim.lr=0.2").optim, model, steps=8)[1] is None  # constant
+
+
+def test_data_a_model_cannot_take_is_refused_naming_the_model():
+    with pytest.raises(ConfigError, match="VGG needs square images, the data has shape \\(3, 32, 16\\)"):
+        build_model(compose_config("model=vgg", "data=cifar10"), images(4, 3, 32, 16))
+    rectangular = TensorData("regression", torch.zeros(8, 10), torch.zeros(8, 5), None, None, None,
+                             sum_squared_loss(0.5))
+    with pytest.raises(ConfigError, match="the DLN is square: inputs \\(10,\\) and targets \\(5,\\)"):
+        build_model(compose_config("+experiment=dln_bn"), rectangular)
