@@ -1,5 +1,6 @@
 """Figures from a small synthetic results directory, the grouping logic, and runs that cannot be parsed."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from bnopt.figures import FIGURES, LABELS, Missing, density_image, draw, fig_lr_sweep, result_sets
-from bnopt.results import RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
+from bnopt.results import Run, RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, assert_every_figure_drawn, compose_config
 
@@ -409,3 +410,37 @@ def test_the_remaining_panels_plot_the_chosen_runs_metric_and_layer(results):
         for q in (15, 50, 85):  # of the last hidden layer, the one the MLP's probe records
             assert_plots(lines_of(ax)[f"{q}th percentile"], run.series(f"act/q{q}", 3))
     plt.close("all")
+
+
+def report_module():
+    spec = importlib.util.spec_from_file_location("report", REPO / "scripts" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_of(rows) -> Run:
+    return Run(Path("."), {}, pd.DataFrame(rows, columns=METRICS_HEADER.split(",")))
+
+
+def test_the_reports_numbers_are_the_statistics_it_names(results):
+    """REPRODUCTION.md's numbers: each statistic of scripts/report.py against its answer worked out by hand,
+    and one table row against the fixture's runs."""
+    report = report_module()
+    accuracy = run_of([(10 * k, "train/acc", a, "", "") for k, a in enumerate([1.0] + [0.5] * 4 + [1.0] * 4 + [0.9])])
+    # rolling means over 5 logs, from the 5th log (step 40): 0.6, 0.6, 0.7, 0.8, 0.9, 0.98
+    assert report.steps_to(accuracy, "train/acc", 0.85) == 80 and report.steps_to(accuracy, "train/acc", 1.5) is None
+    assert report.final(accuracy, "train/acc") == 0.9 and report.final(accuracy, "test/acc") is None
+    # per step, the range over the eta grid; steps 0..100, so the first fifth is steps 0 to 20
+    ranges = {0: 4.0, 10: 6.0, 20: 1.0, 30: 2.0, 40: 3.0, 50: 1.0, 60: 1.0, 70: 1.0, 80: 1.0, 90: 1.0, 100: 1.0}
+    landscape = run_of([(step, "landscape/loss", value, "", eta) for step, r in ranges.items()
+                        for eta, value in ((0.1, 5.0 + r / 2), (0.2, 5.0 + r), (0.4, 5.0))])
+    assert report.spread(landscape, "landscape/loss") == 1.0 and report.spread(landscape, "landscape/loss", True) == 4.0
+    assert report.seeds([1.0, 2.0, 6.0, float("nan")]) == "3 (1–6)" and report.seeds([0.25]) == "0.25"
+    assert report.seeds([None, float("inf")]) == "–"
+    assert report.first_to_last_tenth(pd.Series(np.arange(20.0))) == "0.5 → 18.5"  # two points each
+
+    dln = result_sets(load_runs([results]), "dln", False)["cpu-gaussian_regression"]
+    medians = [r.series("ics/l2", 9).median() for r in select(dln, norm__name="batchnorm", optim__lr=1e-6)]
+    row = f"| BatchNorm | 1e-06 | #9 | {np.mean(medians):.3g} ({min(medians):.3g}–{max(medians):.3g}) |"
+    assert row in report.ics(load_runs([results]))
