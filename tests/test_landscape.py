@@ -233,7 +233,7 @@ class RecordsNumericsFlags(torch.nn.Linear):
         return super().forward(x)
 
 
-def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_back(monkeypatch):
+def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_back():
     """A training run may allow TF32 and cuDNN's atomics-based algorithms; a measurement must not: two passes
     at the same weights would differ in their last bits (or, with TF32, in their fourth digit)."""
     layer = RecordsNumericsFlags(4, 3)
@@ -242,13 +242,18 @@ def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_
     batch = (torch.randn(8, 4), torch.randn(8, 1))
     loss_fn = torch.nn.functional.mse_loss
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for name, value in (("allow_tf32", True), ("deterministic", False)):
-        monkeypatch.setattr(torch.backends.cudnn, name, value)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    measure_ics(model, loss_fn, batch, optimizer, [list(model[0].parameters()), list(model[2].parameters())])
-    probe_landscape(model, loss_fn, batch, [0.1], batched=False)
-    assert layer.seen == {(False, False, True)}
-    assert numerics_flags() == (True, True, False)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = numerics_flags()
+    # Set and put back by hand: the matmul flag lives behind the module's __getattr__, which pytest 9.2's
+    # monkeypatch takes for an absent attribute and deletes on undo (an AttributeError there).
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = True, True, False
+        measure_ics(model, loss_fn, batch, optimizer, [list(model[0].parameters()), list(model[2].parameters())])
+        probe_landscape(model, loss_fn, batch, [0.1], batched=False)
+        assert layer.seen == {(False, False, True)}
+        assert numerics_flags() == (True, True, False)
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = saved
 
 
 def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():

@@ -1,11 +1,15 @@
 """Each normalisation variant against its definition (protocol section 4), on hand-made tensors."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bnopt.norms import BatchNorm, LpNorm, NoiseSpec, NoisyNorm, NoNorm, norm_factory, normalises, set_noise_step
+from bnopt.seeding import derived_seed
 
 
 def per_unit(a: torch.Tensor) -> torch.Tensor:
@@ -166,6 +170,13 @@ def test_noise_is_a_function_of_seed_layer_and_step_only():
     assert not torch.equal(first[1], noise_of(other_layer, (8, 4), 5)[1])
     other_seed = NoisyNorm(NoNorm(4), spec, seed=8, layer_key=2)
     assert not torch.equal(first[1], noise_of(other_seed, (8, 4), 5)[1])
+    # and the same in every process: a resumed or re-run job must draw what the first one drew (Python's own
+    # hash of a string changes from process to process)
+    code = "from bnopt.seeding import derived_seed; print(derived_seed(7, 'noise', 2, 5))"
+    for hash_seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": hash_seed},
+                               capture_output=True, text=True, check=True)
+        assert int(other.stdout) == derived_seed(7, "noise", 2, 5)
 
 
 def test_noisy_batchnorm_is_batchnorm_then_noise_and_eval_has_no_noise():
