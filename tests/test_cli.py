@@ -149,8 +149,8 @@ def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
     (tmp_path / "file").write_text("")
     assert_one_line_error(run_cli("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"),
                           "not writable", "hydra.run.dir")
-    assert_one_line_error(run_cli("-m", "+experiment=dln_bn", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'file' / 'sweep'}"),
-                          "not writable", "hydra.sweep.dir")
+    sweep = run_cli("-m", "+experiment=dln_bn", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'file' / 'sweep'}")
+    assert_one_line_error(sweep, "not writable", "hydra.sweep.dir")
     unknown = run_cli("norm=batchnrom", f"hydra.run.dir={tmp_path / 'c'}")
     assert unknown.returncode != 0 and "Could not find 'norm/batchnrom'" in unknown.stderr
     assert "noisy_batchnorm" in unknown.stderr  # Hydra lists the options
