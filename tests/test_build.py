@@ -42,6 +42,23 @@ def test_the_norms_settings_reach_every_norm_layer():
     assert all(n.spec == NoiseSpec(n_sigma=2.0) and n.inner.momentum == 0.3 for n in noisy)
 
 
+def test_the_models_settings_and_the_datas_shape_reach_the_network():
+    cfg = compose_config("model=vgg", "data=cifar10", "model.depth=11", "model.width=0.0625", "model.bias=false")
+    net = build_model(cfg, images(2, 1, 28, 28, num_classes=7))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8, 16, 16, 32, 32, 32, 32] and convs[0].in_channels == 1
+    assert all(c.bias is None for c in convs) and net.layer(9).weight.out_features == 7
+    cfg = compose_config("model=mlp", "data=mnist", "model.hidden=[20,30]", "model.init_std=fan_in")
+    net = build_model(cfg, images(2, 1, 28, 28))
+    assert [net.layer(k).weight.in_features for k in (1, 2, 3)] == [784, 20, 30]
+    assert net.layer(1).weight.weight.std().item() == pytest.approx(1 / 28, rel=0.1)
+    cfg = compose_config("+experiment=dln_bn", "model.depth=4")
+    regression = TensorData("regression", torch.zeros(8, 6), torch.zeros(8, 6), None, None, None,
+                            sum_squared_loss(0.5))
+    net = build_model(cfg, regression)
+    assert net.num_layers == 4 and net.layer(4).weight.in_features == 6
+
+
 def learning_rates(optimizer, schedule, steps):
     """The learning rate of each of ``steps`` steps, as the loop steps the schedule."""
     rates = []

@@ -48,6 +48,10 @@ def test_vgg_takes_channels_and_size_from_the_data_and_scales_width():
     assert convs(model)[0].in_channels == 1
     assert [c.out_channels for c in convs(model)][:4] == [8, 8, 16, 16]
     assert model(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    # channels rounded to the nearest integer (256 * 0.3 = 76.8), and conv biases only if asked for
+    narrow = vgg(norm_factory("batchnorm"), depth=11, width=0.3, bias=False)
+    assert [c.out_channels for c in convs(narrow)] == [19, 38, 77, 77, 154, 154, 154, 154]
+    assert all(c.bias is None for c in convs(narrow)) and narrow.layer(9).weight.bias is not None
     with pytest.raises(ValueError, match="depth"):
         vgg(norm_factory("none"), depth=12)
 
@@ -69,8 +73,9 @@ def test_layer_params_group_weight_bias_and_norm_parameters():
     block = model.layer(3)
     assert layers[2] == [block.weight.weight, block.weight.bias, block.norm.weight, block.norm.bias]
     assert sum(len(group) for group in layers) == len(list(model.parameters()))
-    with pytest.raises(IndexError, match="layers #1..#9"):
-        model.layer(10)
+    for k in (0, 10):  # numbered from 1, as the paper does: layer(0) is not the last layer
+        with pytest.raises(IndexError, match="layers #1..#9"):
+            model.layer(k)
 
 
 def test_mlp_is_784_100_100_100_10_sigmoid_with_bias_only_where_no_norm_follows():
@@ -85,6 +90,8 @@ def test_mlp_is_784_100_100_100_10_sigmoid_with_bias_only_where_no_norm_follows(
     assert all(plain.layer(k).weight.bias is not None for k in range(1, 5))
     assert all(normed.layer(k).weight.bias is None for k in range(1, 4))
     assert normed.layer(4).weight.bias is not None  # the classifier is not followed by a norm
+    logistic = mlp(norm_factory("none"), hidden=[])  # no hidden layer: the classifier takes the image
+    assert logistic.num_layers == 1 and logistic(torch.randn(5, 1, 28, 28)).shape == (5, 10)
 
 
 def test_mlp_init_is_a_small_gaussian():
@@ -93,6 +100,9 @@ def test_mlp_init_is_a_small_gaussian():
     assert model.layer(1).weight.weight.std().item() == pytest.approx(0.1, rel=0.05)
     fan_in = mlp(norm_factory("none"), init_std="fan_in")
     assert fan_in.layer(1).weight.weight.std().item() == pytest.approx(1 / 28, rel=0.05)
+    biases = [m.bias for m in (*model.modules(), *mlp(norm_factory("batchnorm")).modules())
+              if isinstance(m, nn.Linear) and m.bias is not None]
+    assert len(biases) == 5 and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
 
 
 def test_dln_is_a_product_of_25_square_bias_free_matrices():
