@@ -1,5 +1,5 @@
-"""Objects built from a config (`bnopt.build`): the device a name resolves to, the norm's and optimiser's
-settings reaching the objects, the learning-rate schedules, and data a model cannot take."""
+"""Objects built from a config (`bnopt.build`): the device a name resolves to, the model's, norm's and
+optimiser's settings reaching the objects, the learning-rate schedules, and data a model cannot take."""
 
 import math
 
@@ -16,6 +16,11 @@ from conftest import compose_config
 def images(n, c, h, w, num_classes=10):
     return TensorData("images", torch.zeros(n, c, h, w), torch.zeros(n, dtype=torch.long), None, None, num_classes,
                       torch.nn.functional.cross_entropy)
+
+
+def regression(n, inputs, targets):
+    return TensorData("regression", torch.zeros(n, inputs), torch.zeros(n, targets), None, None, None,
+                      sum_squared_loss(0.5))
 
 
 def test_device_names_resolve_to_the_machines_devices_or_fail_naming_the_key(monkeypatch):
@@ -53,9 +58,7 @@ def test_the_models_settings_and_the_datas_shape_reach_the_network():
     assert [net.layer(k).weight.in_features for k in (1, 2, 3)] == [784, 20, 30]
     assert net.layer(1).weight.weight.std().item() == pytest.approx(1 / 28, rel=0.1)
     cfg = compose_config("+experiment=dln_bn", "model.depth=4")
-    regression = TensorData("regression", torch.zeros(8, 6), torch.zeros(8, 6), None, None, None,
-                            sum_squared_loss(0.5))
-    net = build_model(cfg, regression)
+    net = build_model(cfg, regression(8, 6, 6))
     assert net.num_layers == 4 and net.layer(4).weight.in_features == 6
 
 
@@ -89,7 +92,5 @@ def test_the_optimiser_is_sgd_with_the_configs_settings_and_schedule():
 def test_data_a_model_cannot_take_is_refused_naming_the_model():
     with pytest.raises(ConfigError, match="VGG needs square images, the data has shape \\(3, 32, 16\\)"):
         build_model(compose_config("model=vgg", "data=cifar10"), images(4, 3, 32, 16))
-    rectangular = TensorData("regression", torch.zeros(8, 10), torch.zeros(8, 5), None, None, None,
-                             sum_squared_loss(0.5))
     with pytest.raises(ConfigError, match="the DLN is square: inputs \\(10,\\) and targets \\(5,\\)"):
-        build_model(compose_config("+experiment=dln_bn"), rectangular)
+        build_model(compose_config("+experiment=dln_bn"), regression(8, 10, 5))
