@@ -11,6 +11,7 @@ from bnopt.config import ConfigError
 from bnopt.data import TensorData, sum_squared_loss
 from bnopt.norms import LpNorm, NoisyNorm, NoiseSpec
 from conftest import compose_config
+from test_models import convs
 
 
 def images(n, c, h, w, num_classes=10):
@@ -50,9 +51,8 @@ def test_the_norms_settings_reach_every_norm_layer():
 def test_the_models_settings_and_the_datas_shape_reach_the_network():
     cfg = compose_config("model=vgg", "data=cifar10", "model.depth=11", "model.width=0.0625", "model.bias=false")
     net = build_model(cfg, images(2, 1, 28, 28, num_classes=7))
-    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.out_channels for c in convs] == [4, 8, 16, 16, 32, 32, 32, 32] and convs[0].in_channels == 1
-    assert all(c.bias is None for c in convs) and net.layer(9).weight.out_features == 7
+    assert [c.out_channels for c in convs(net)] == [4, 8, 16, 16, 32, 32, 32, 32] and convs(net)[0].in_channels == 1
+    assert all(c.bias is None for c in convs(net)) and net.layer(9).weight.out_features == 7
     cfg = compose_config("model=mlp", "data=mnist", "model.hidden=[20,30]", "model.init_std=fan_in")
     net = build_model(cfg, images(2, 1, 28, 28))
     assert [net.layer(k).weight.in_features for k in (1, 2, 3)] == [784, 20, 30]

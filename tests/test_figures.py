@@ -86,18 +86,24 @@ def results(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def all_runs(results) -> list[Run]:
+    """Every run of the results directory, read once for the tests that only read them."""
+    return load_runs([results])
+
+
 @pytest.mark.parametrize("key", list(FIGURES))
-def test_every_figure_draws_from_a_results_directory(results, tmp_path, key):
+def test_every_figure_draws_from_a_results_directory(all_runs, tmp_path, key):
     messages = []
-    written = draw(key, load_runs([results]), tmp_path, warn=messages.append)
+    written = draw(key, all_runs, tmp_path, warn=messages.append)
     assert written, messages
     for png in written:
         assert png.stat().st_size > 10_000 and png.with_suffix(".pdf").exists()
     assert not [m for m in messages if "missing" in m], messages
 
 
-def test_missing_runs_are_named_and_the_rest_is_drawn(results, tmp_path):
-    runs = [r for r in load_runs([results]) if not (r.get("model.name") == "vgg" and r.get("norm.name") == "none")]
+def test_missing_runs_are_named_and_the_rest_is_drawn(all_runs, tmp_path):
+    runs = [r for r in all_runs if not (r.get("model.name") == "vgg" and r.get("norm.name") == "none")]
     messages = []
     written = draw("1", runs, tmp_path, warn=messages.append)
     assert written and written[0].name == "fig1.png"
@@ -125,8 +131,7 @@ def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tm
     plt.close("all")
 
 
-def test_one_figure_per_result_set(results, tmp_path):
-    runs = load_runs([results])
+def test_one_figure_per_result_set(all_runs, tmp_path):
     extra = fake_run(tmp_path / "smoke", "vgg", "batchnorm", 0.1)
     more = load_runs([extra])
     assert more[0].get("scale.name") == "cpu"  # same set as the others: one figure
@@ -134,7 +139,7 @@ def test_one_figure_per_result_set(results, tmp_path):
     fake_run(paper, "vgg", "none", 0.1)
     (paper / "vgg-none-0.1-0-fig" / "config.yaml").write_text(
         (paper / "vgg-none-0.1-0-fig" / "config.yaml").read_text().replace("name: cpu", "name: paper"))
-    written = draw("4", runs + load_runs([paper]), tmp_path / "out", warn=lambda m: None)
+    written = draw("4", all_runs + load_runs([paper]), tmp_path / "out", warn=lambda m: None)
     assert sorted(p.name for p in written) == ["fig4_cpu-fashion_mnist.png", "fig4_paper-fashion_mnist.png"]
 
 
@@ -280,13 +285,18 @@ def lines_of(ax) -> dict:
     return {line.get_label(): line for line in ax.get_lines()}
 
 
-def test_the_ics_and_landscape_panels_plot_the_runs_values(results):
+def assert_plots(line, series: pd.Series) -> None:
+    """``line`` draws ``series``: its steps across, its values (to float rounding) up."""
+    np.testing.assert_array_equal(line.get_xdata(), series.index)
+    np.testing.assert_allclose(line.get_ydata(), series.values, rtol=1e-12)
+
+
+def test_the_ics_and_landscape_panels_plot_the_runs_values(all_runs):
     """Read back from the axes of Fig. 3 (DLN) and Fig. 9: each variant's line is the mean over its seeds at
     that learning rate and layer, and the landscape bands' edges are the mean over seeds of each step's
     minimum and maximum over the step sizes. Drawing alone would not show a wrong layer, run or statistic."""
-    runs = load_runs([results])
-    dln = result_sets(runs, "dln", False)["cpu-gaussian_regression"]
-    sets = {"vgg": result_sets(runs, "vgg", False)["cpu-fashion_mnist"], "dln": dln}
+    dln = result_sets(all_runs, "dln", False)["cpu-gaussian_regression"]
+    sets = {"vgg": result_sets(all_runs, "vgg", False)["cpu-fashion_mnist"], "dln": dln}
     _, ics_figure = FIGURES["3"].draw(sets, Missing())
     axes = np.array(ics_figure.axes).reshape(5, 2)
     for j, lr in enumerate((1e-6, 1e-7)):
@@ -294,9 +304,7 @@ def test_the_ics_and_landscape_panels_plot_the_runs_values(results):
             for row, name in ((1 + 2 * k, "ics/l2"), (2 + 2 * k, "ics/cos")):
                 for norm in ("none", "batchnorm"):
                     expected = mean_over_seeds(select(dln, norm__name=norm, optim__lr=lr), name, layer)
-                    line = lines_of(axes[row, j])[LABELS[norm]]
-                    np.testing.assert_allclose(line.get_ydata(), expected.values, rtol=1e-12)
-                    np.testing.assert_array_equal(line.get_xdata(), expected.index)
+                    assert_plots(lines_of(axes[row, j])[LABELS[norm]], expected)
     landscape = FIGURES["9"].draw(sets, Missing())
     loss_ax, diff_ax, beta_ax = landscape.axes
     for i, norm in enumerate(("none", "batchnorm")):
@@ -310,11 +318,10 @@ def test_the_ics_and_landscape_panels_plot_the_runs_values(results):
     plt.close("all")
 
 
-def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(results):
+def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(all_runs):
     """Read back from the axes: Fig. 7's four moment panels, Fig. 2's median lines (the quantile band of
     Figs. 1, 2, 8, 14) and the learning-rate figure's points, against the runs' rows."""
-    runs = load_runs([results])
-    vgg = result_sets(runs, "vgg", False)["cpu-fashion_mnist"]
+    vgg = result_sets(all_runs, "vgg", False)["cpu-fashion_mnist"]
     norms = ("none", "batchnorm", "noisy_batchnorm")
     first = {norm: select(vgg, norm__name=norm, optim__lr=0.1)[0] for norm in norms}
     moments = np.array(FIGURES["7"].draw({"vgg": vgg}, Missing()).axes).reshape(3, 4)
@@ -324,11 +331,11 @@ def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(resul
             mean, var = (first[norm].series(name, layer) for name in ("act/mean", "act/var"))
             expected = (mean.diff().abs(), var.diff().abs(), mean - mean.iloc[0], var - var.iloc[0])
             for ax, values in zip(moments[i], expected):
-                np.testing.assert_allclose(lines_of(ax)[LABELS[norm]].get_ydata(), values.values, rtol=1e-12)
+                assert_plots(lines_of(ax)[LABELS[norm]], values)
             median = quantiles[1 + i].get_lines()[n]
             np.testing.assert_array_equal(median.get_ydata(), first[norm].series("act/q50", layer).values)
 
-    sweeps = {model: next(iter(result_sets(runs, model, True).values())) for model in ("vgg", "dln", "mlp")}
+    sweeps = {model: next(iter(result_sets(all_runs, model, True).values())) for model in ("vgg", "dln", "mlp")}
     loss_axes = FIGURES["lr_sweep"].draw(sweeps, Missing()).axes[:3]
     for ax, model in zip(loss_axes, ("vgg", "dln", "mlp")):
         for norm in ("none", "batchnorm"):
@@ -341,21 +348,16 @@ def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(resul
     plt.close("all")
 
 
-def test_the_remaining_panels_plot_the_chosen_runs_metric_and_layer(results):
+def test_the_remaining_panels_plot_the_chosen_runs_metric_and_layer(all_runs):
     """Read back from the axes of the figures the two tests above leave out: each panel shows its own metric,
     layer, learning rate and normalisation (Figs. 1, 3 (VGG), 8, 10, 11-14, Ioffe & Szegedy's Fig. 1)."""
-    runs = load_runs([results])
-    vgg = result_sets(runs, "vgg", False)["cpu-fashion_mnist"]
-    dln = result_sets(runs, "dln", False)["cpu-gaussian_regression"]
-    mlp = result_sets(runs, "mlp", False)["cpu-fashion_mnist"]
+    vgg = result_sets(all_runs, "vgg", False)["cpu-fashion_mnist"]
+    dln = result_sets(all_runs, "dln", False)["cpu-gaussian_regression"]
+    mlp = result_sets(all_runs, "mlp", False)["cpu-fashion_mnist"]
     sets = {"vgg": vgg, "dln": dln, "mlp": mlp}
 
     def first(chosen, norm, lr=None):
         return select(chosen, norm__name=norm, **({} if lr is None else {"optim__lr": lr}))[0]
-
-    def assert_plots(line, series):
-        np.testing.assert_array_equal(line.get_xdata(), series.index)
-        np.testing.assert_allclose(line.get_ydata(), series.values, rtol=1e-12)
 
     fig1 = np.array(FIGURES["1"].draw(sets, Missing()).axes).reshape(2, 2)
     for lr, style in ((0.1, "-"), (0.5, "--")):
@@ -423,7 +425,7 @@ def run_of(rows) -> Run:
     return Run(Path("."), {}, pd.DataFrame(rows, columns=METRICS_HEADER.split(",")))
 
 
-def test_the_reports_numbers_are_the_statistics_it_names(results):
+def test_the_reports_numbers_are_the_statistics_it_names(all_runs):
     """REPRODUCTION.md's numbers: each statistic of scripts/report.py against its answer worked out by hand,
     and one table row against the fixture's runs."""
     report = report_module()
@@ -440,7 +442,7 @@ def test_the_reports_numbers_are_the_statistics_it_names(results):
     assert report.seeds([None, float("inf")]) == "–"
     assert report.first_to_last_tenth(pd.Series(np.arange(20.0))) == "0.5 → 18.5"  # two points each
 
-    dln = result_sets(load_runs([results]), "dln", False)["cpu-gaussian_regression"]
+    dln = result_sets(all_runs, "dln", False)["cpu-gaussian_regression"]
     medians = [r.series("ics/l2", 9).median() for r in select(dln, norm__name="batchnorm", optim__lr=1e-6)]
     row = f"| BatchNorm | 1e-06 | #9 | {np.mean(medians):.3g} ({min(medians):.3g}–{max(medians):.3g}) |"
-    assert row in report.ics(load_runs([results]))
+    assert row in report.ics(all_runs)
