@@ -139,13 +139,14 @@ def assert_one_line_error(result, *fragments):
 def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
     assert_one_line_error(run_cli("+experiment=dln_bn", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'a'}"),
                           "optim.lr=-1", "positive learning rate")
-    assert json.loads((tmp_path / "a/summary.json").read_text())["status"] == "failed"
+    failed = json.loads((tmp_path / "a/summary.json").read_text())
+    assert failed["status"] == "failed" and failed["job"] == {"num": None, "overrides": ["+experiment=dln_bn", "optim.lr=-1"]}
     assert_one_line_error(run_cli("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
                                   f"hydra.run.dir={tmp_path / 'b'}"), "MNIST not found", f"{tmp_path}/none")
     damaged = write_mnist(tmp_path / "damaged", n_train=30, n_test=20) / "train-images-idx3-ubyte.gz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a download cut short
     assert_one_line_error(run_cli("data=mnist", f"data.root={damaged.parent}", "data.download=false", "scale=smoke",
-                                  f"hydra.run.dir={tmp_path / 'd'}"), f"MNIST: cannot read {damaged}", "Fix: delete it")
+                                  f"hydra.run.dir={tmp_path / 'd'}"), f"MNIST: cannot read {damaged}", "Fix: delete the files")
     (tmp_path / "file").write_text("")
     assert_one_line_error(run_cli("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"),
                           "not writable", "hydra.run.dir")
@@ -167,8 +168,9 @@ def test_cli_run_lands_in_the_readable_default_directory_and_divergence_exits_ze
 
 # --- runs that survive ---------------------------------------------------------------------------------
 
+# threads: the uninterrupted run trains in this process, the others in subprocesses that would take every core
 SURVIVOR = ("+experiment=dln_bn", "train.steps=600", "train.checkpoint_every=100", "probes=[ics,landscape]",
-            "model.paper.ics_layers=[2,9,17]", "train.log_every=10")
+            "model.paper.ics_layers=[2,9,17]", "train.log_every=10", "threads=2")
 
 
 def start(run_dir: Path) -> subprocess.Popen:
@@ -217,17 +219,19 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     reference = torch.load(uninterrupted / "checkpoint.pt", weights_only=True)
     assert final["step"] == reference["step"] == 600
     assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["job"] == {"num": None, "overrides": list(SURVIVOR)}
 
 
 def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uninterrupted):
     again = run_cli(*SURVIVOR, f"hydra.run.dir={uninterrupted}")
     assert again.returncode == 0 and "already completed" in again.stdout
     assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={uninterrupted}"),
-                          "another config", "optim.lr: 1e-06 -> 2e-06")
+                          "another config", "optim.lr: 1e-06 -> 2e-06", "another output directory (hydra.run.dir=...)")
     assert json.loads((uninterrupted / "summary.json").read_text())["status"] == "completed"  # not "failed"
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt")
+    assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt",
+                          "another output directory (hydra.run.dir=...)")
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
 
 
@@ -243,9 +247,10 @@ def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_pa
     (run_dir / "summary.json").write_text('{"status": "running"}\n')  # as the trainer wrote it
     with RunDirectory(run_dir).claimed():  # this process is the trainer
         assert_one_line_error(run_cli(*smoke, f"hydra.run.dir={run_dir}"),
-                              f"{run_dir} is being trained by pid {os.getpid()}")
+                              f"{run_dir} is being trained by pid {os.getpid()}", "(hydra.run.dir=...)")
         sweep = run_cli("-m", *smoke, "seed=0", f"hydra.sweep.dir={run_dir.parent}", "hydra.sweep.subdir=job")
         assert sweep.returncode == 0 and "is being trained by" in sweep.stderr, sweep.stderr
+        assert "another output directory (hydra.sweep.dir=...)" in sweep.stderr
         with pytest.raises(RunBusyError):
             train_run(run_dir, *smoke)
         written = sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "train.log"))  # Hydra's
@@ -279,10 +284,11 @@ def test_a_job_that_crashes_fails_alone_in_a_sweep_and_with_its_traceback_in_a_s
     from bnopt import cli
 
     hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path)), launcher=None,
-                                mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN)
+                                mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN, job=SimpleNamespace(num=3),
+                                overrides=SimpleNamespace(task=["+experiment=dln_bn"]))
     monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
 
-    def crash(cfg, run_dir):
+    def crash(cfg, run_dir, job):
         raise RuntimeError("a bug in the loop")
 
     monkeypatch.setattr(cli, "train", crash)

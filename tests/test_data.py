@@ -61,7 +61,25 @@ def test_damaged_mnist_file_names_the_data_set_the_file_and_the_fix(tmp_path, gz
     with pytest.raises(DatasetUnreadableError) as err:
         load_mnist_format("fashion_mnist", tmp_path, download=False)
     message = str(err.value)
-    assert message.startswith(f"Fashion-MNIST: cannot read {damaged} (") and "data.download=true" in message
+    assert message.startswith(f"Fashion-MNIST: cannot read {damaged} (")
+    assert message.endswith("Fix: delete the files and run again with data.download=true to fetch them afresh, "
+                            "or replace them with the official files")
+
+
+@pytest.mark.parametrize("name, package_hint", [("fashion_mnist", True), ("mnist", False)])
+def test_damaged_file_in_a_search_path_is_not_ours_to_delete(tmp_path, name, package_hint):
+    """A copy found in a search path (Debian's package directory) gets advice that leaves it alone: fetch
+    a fresh copy into data.root instead, or repair the package."""
+    shared = tmp_path / "usr-share"
+    write_mnist(shared, n_train=30, n_test=20, gzipped=True)
+    _cut_short(shared / "train-images-idx3-ubyte.gz")
+    root = tmp_path / "data"
+    with pytest.raises(DatasetUnreadableError) as err:
+        load_mnist_format(name, root, download=False, search_paths=[str(shared)])
+    message = str(err.value)
+    assert f"into data.root ({root}) with data.search_paths=[] data.download=true" in message
+    assert f"repair the copy in {shared}" in message and "delete" not in message
+    assert ("apt-get install --reinstall dataset-fashion-mnist" in message) == package_hint
 
 
 def test_mnist_images_and_labels_of_different_sizes_are_refused(tmp_path):

@@ -90,6 +90,23 @@ def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
     assert summary["threads"] == 1  # cpus_per_task of configs/hydra/launcher/submitit_local.yaml
 
 
+def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(tmp_path):
+    """Hydra rewrites a job's .hydra/ for every command started in it, also one that is then refused (another
+    config): the index takes the job number and overrides from the summary of the run the directory holds."""
+    sweep = ("-m", "+experiment=dln_bn", "scale=smoke", "probes=none", f"hydra.sweep.dir={tmp_path}")
+    assert run_cli(*sweep, "optim.lr=1e-6,1e-7").returncode == 0
+    first = read_index(tmp_path)
+    assert [(r["job"], r["overrides"].split()[-1], r["status"]) for r in first] == [
+        ("0", "optim.lr=1e-06", "completed"), ("1", "optim.lr=1e-07", "completed")]
+    again = run_cli(*sweep, "optim.lr=3e-6,3e-7")
+    assert again.returncode == 0, again.stderr  # the jobs are refused, the sweep is not
+    refusals = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 2 and all("another config" in line and
+                                      line.endswith("another output directory (hydra.sweep.dir=...)") for line in refusals)
+    assert "optim.lr=3e-06" in (tmp_path / "0" / ".hydra" / "hydra.yaml").read_text()  # Hydra's, rewritten
+    assert read_index(tmp_path) == first
+
+
 def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
     train_run(tmp_path / "0", "+experiment=dln_bn", "scale=smoke", "probes=none")
     (tmp_path / "1").mkdir()
@@ -107,8 +124,9 @@ def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
 
 
 def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tmp_path):
-    for num, summary in ((10, '{"status": "completed", "steps": 30, "final": {"train/loss": 0.5}}'), (2, None),
-                         (3, '{"status": "diverged", "steps": 7, "error": null}')):
+    for num, summary in ((10, '{"status": "completed", "steps": 30, "final": {"train/loss": 0.5}, '
+                              '"job": {"num": 10, "overrides": ["seed=10", "norm=batchnorm"]}}'), (2, None),
+                         (3, '{"status": "diverged", "steps": 7, "error": null}'), (4, '["not", "a summary"]')):
         job = tmp_path / str(num)
         (job / ".hydra").mkdir(parents=True)
         hydra = {"hydra": {"job": {"num": num}, "overrides": {"task": [f"seed={num}", "norm=none"]}}}
@@ -120,9 +138,11 @@ def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tm
     rows = index_rows(tmp_path, warn=warnings.append)
     assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
         ("2", "seed=2 norm=none", "unknown"), ("3", "seed=3 norm=none", "diverged"),
-        ("10", "seed=10 norm=none", "completed")]  # by number: "10" sorts before "2" as text
-    assert (rows[1]["steps"], rows[1]["error"], rows[2]["train/loss"], rows[2]["test/acc"]) == (7, "", 0.5, "")
-    assert warnings == [f"index: {tmp_path / '2' / 'summary.json'}: missing"]
+        ("4", "seed=4 norm=none", "unknown"),
+        ("10", "seed=10 norm=batchnorm", "completed")]  # by number ("10" sorts before "2" as text); the summary's job
+    assert (rows[1]["steps"], rows[1]["error"], rows[3]["train/loss"], rows[3]["test/acc"]) == (7, "", 0.5, "")
+    assert warnings == [f"index: {tmp_path / '2' / 'summary.json'}: missing",
+                        f"index: {tmp_path / '4' / 'summary.json'}: unreadable"]
 
 
 # --- resume, deterministically -------------------------------------------------------------------------

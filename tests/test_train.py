@@ -40,11 +40,32 @@ def test_dln_run_writes_the_results_contract(tmp_path):
     assert on_disk["status"] == summary["status"] == "completed" and on_disk["steps"] == 30
     for key in ("final", "wall_time_s", "steps_per_s", "device", "torch", "git_commit"):
         assert key in on_disk
+    assert on_disk["job"] is None  # trained through the library: no launcher named it (the CLI's: test_cli)
     assert on_disk["final"]["train/loss"] == train_loss.value.iloc[-1]
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["optim"]["lr"] == 1e-6 and config["train"]["batch_size"] == 1000 and "${" not in (tmp_path / "config.yaml").read_text()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 30 and "model" in checkpoint and "optimizer" in checkpoint
+
+
+@pytest.mark.parametrize("finished_before", [False, True], ids=["trains", "already completed"])
+def test_a_run_leaves_the_process_thread_count_and_tf32_switches_as_it_found_them(tmp_path, finished_before):
+    """They are the process's: a notebook (or this test suite) that trains another run after one with
+    threads=1 must not train, and compare, it on one thread."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none", "train.tf32=true")
+    if finished_before:
+        train_run(tmp_path, *args)
+    saved = torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        torch.set_num_threads(2)
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        summary = train_run(tmp_path, *args, "threads=1")
+        assert summary["status"] == "completed" and (summary["threads"] == 1 or finished_before)
+        assert (torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32) == (2, False, False)
+    finally:
+        torch.set_num_threads(saved[0])
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[1:]
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, cifar_root):

@@ -40,17 +40,20 @@ def main(cfg: DictConfig) -> dict | None:
     threads = job_threads(cfg.get("threads"), hydra_cfg.launcher if in_sweep else None)
     if threads:
         limit_threads(threads)
+    job = {"num": hydra_cfg.job.num if in_sweep else None, "overrides": list(hydra_cfg.overrides.task)}
     try:
         if in_sweep and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
             # a local parallel sweep on a multi-GPU machine: one free GPU per job
             with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-locks", torch.cuda.device_count()) as gpu:
                 cfg.device = f"cuda:{gpu}"
-                return train(cfg, run_dir)
-        return train(cfg, run_dir)
+                return train(cfg, run_dir, job)
+        return train(cfg, run_dir, job)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        about_the_directory = isinstance(err, (ResumeError, RunBusyError))  # "... choose another output directory"
+        key = f" ({'hydra.sweep.dir' if in_sweep else 'hydra.run.dir'}=...)" if about_the_directory else ""
+        print(f"error: {err}{key}", file=sys.stderr)
         if not isinstance(err, RunBusyError):  # a busy run's summary is its trainer's
-            record_failure(run_dir, err)
+            record_failure(run_dir, err, job)
         if not in_sweep:
             sys.exit(2)
     except Exception:
@@ -60,10 +63,11 @@ def main(cfg: DictConfig) -> dict | None:
     return None
 
 
-def record_failure(run_dir: Path, err: Exception) -> None:
-    """A ``failed`` summary for errors raised before the run wrote its own, unless it finished before."""
+def record_failure(run_dir: Path, err: Exception, job: dict) -> None:
+    """A ``failed`` summary for errors raised before the run wrote its own, unless it finished before. A
+    summary already there keeps its ``job``: the results in the directory are that job's."""
     run = RunDirectory(run_dir)
-    previous = run.read_summary() or {}
+    previous = run.read_summary() or {"job": job}
     if previous.get("status") in ("completed", "diverged", "failed"):
         return
     try:

@@ -172,7 +172,8 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
     ``search_paths``; downloads into ``root`` with torchvision if allowed."""
     title, tv_class = MNIST_FORMAT[name]
     directories = [root, root / tv_class / "raw", *map(Path, search_paths)]
-    files = next(filter(None, map(find_idx_files, directories)), None)
+    found = next(((d, f) for d in directories if (f := find_idx_files(d))), None)
+    files = None if found is None else found[1]
     if files is None and download:
         _download(tv_class, root, title)
         files = find_idx_files(root / tv_class / "raw")
@@ -186,18 +187,24 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
             + (" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
                "/usr/share/datasets/fashion-mnist)." if name == "fashion_mnist" else ".")
         )
+    if found is not None and found[0] in directories[2:]:
+        # A search path is someone else's copy (Debian's package, a shared directory): not ours to delete.
+        fix = (f"fetch a fresh copy into data.root ({root}) with data.search_paths=[] data.download=true, or "
+               f"repair the copy in {found[0]}"
+               + (" (apt-get install --reinstall dataset-fashion-mnist)" if name == "fashion_mnist" else ""))
+    else:
+        fix = ("delete the files and run again with data.download=true to fetch them afresh, or replace them with "
+               "the official files")
     arrays = {}
     for key, path in files.items():
-        with reading(title, path, f"delete it and run again with data.download=true to fetch it afresh, or "
-                                  f"replace it with the official file {path.name}"):
+        with reading(title, path, fix):
             arrays[key] = read_idx(path)
     for split in ("train", "test"):
         n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if n_x != n_y:
             images, labels = files[f"{split}_x"], files[f"{split}_y"]
             raise DatasetUnreadableError(
-                f"{title}: {images} holds {n_x} images but {labels} holds {n_y} labels. Fix: delete both and run "
-                f"again with data.download=true, or replace them with the official files")
+                f"{title}: {images} holds {n_x} images but {labels} holds {n_y} labels. Fix: {fix}")
     return {k: v[:, None] if k.endswith("_x") else v for k, v in arrays.items()}  # images get a channel axis
 
 

@@ -38,7 +38,8 @@ class OutputDirError(RuntimeError):
 
 
 class RunBusyError(RuntimeError):
-    """Another process is training the run in this output directory now."""
+    """Another process is training the run in this output directory now. The message ends "choose another
+    output directory"; the CLI adds the key that sets it."""
 
 
 def _number(value: float) -> str:
@@ -121,7 +122,7 @@ class RunDirectory:
                 holder = handle.read().strip() or "another process"
                 raise RunBusyError(f"{self.path} is being trained by {holder} now; wait for it to end (the same "
                                    "command then finds the run finished, or resumes it), or choose another "
-                                   "directory with hydra.run.dir=...") from None
+                                   "output directory") from None
             except OSError as err:  # a file system without locks (some cluster mounts): train unguarded
                 print(f"warning: cannot lock {self.lock} ({err.strerror}); nothing stops a second process from "
                       "training this run at the same time", file=sys.stderr)

@@ -74,7 +74,13 @@ def limit_threads(threads: int) -> None:
         os.environ[variable] = str(threads)
 
 
-def _job_info(run_dir: Path) -> tuple[str, str]:
+def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
+    """Job number and overrides of the command whose results ``run_dir`` holds: from its summary, else
+    from Hydra's ``.hydra/hydra.yaml`` (a job killed before it wrote a summary). Hydra rewrites the latter
+    for every command started in the directory, also one that is then refused (another config)."""
+    job = (summary or {}).get("job")
+    if isinstance(job, dict):
+        return ("" if job.get("num") is None else str(job["num"])), " ".join(job.get("overrides") or ())
     try:
         hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
         return str(hydra["job"].get("num", "")), " ".join(hydra["overrides"]["task"])
@@ -85,14 +91,18 @@ def _job_info(run_dir: Path) -> tuple[str, str]:
 def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
     rows = []
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        job, overrides = _job_info(run_dir)
-        if not job and not (run_dir / "summary.json").exists():
+        try:
+            summary, problem = json.loads((run_dir / "summary.json").read_text()), None
+        except (OSError, ValueError) as err:
+            summary, problem = None, "missing" if isinstance(err, OSError) else "unreadable"
+        if summary is not None and not isinstance(summary, dict):
+            summary, problem = None, "unreadable"
+        job, overrides = _job_info(run_dir, summary)
+        if not job and problem == "missing":
             continue  # not a job of this sweep
         row = {"job": job, "dir": run_dir.name, "overrides": overrides}
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError) as err:
-            warn(f"index: {run_dir / 'summary.json'}: {'missing' if isinstance(err, OSError) else 'unreadable'}")
+        if summary is None:
+            warn(f"index: {run_dir / 'summary.json'}: {problem}")
             row["status"] = "unknown"
         else:
             row.update(status=summary.get("status", "unknown"), steps=summary.get("steps", ""),

@@ -44,20 +44,39 @@ NOT_IDENTITY = ("name", "threads", "device")
 
 
 class ResumeError(RuntimeError):
-    """The output directory holds a checkpoint this run cannot continue from."""
+    """The output directory holds a checkpoint this run cannot continue from. The message ends "choose
+    another output directory"; the CLI adds the key that sets it."""
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, job: dict | None = None) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; return its summary. One process at a time trains
-    in a run directory: another one gets :class:`~bnopt.rundir.RunBusyError`."""
+    in a run directory: another one gets :class:`~bnopt.rundir.RunBusyError`. ``job`` is how the launcher
+    names the run (the CLI gives Hydra's job number and command-line overrides); the summary records it once
+    the run is accepted, so a sweep's index names the command whose results the directory holds."""
     check_config(cfg)
     run = RunDirectory(run_dir)
     run.ensure_writable()
-    with run.claimed():
-        return train_claimed(cfg, run)
+    with run.claimed(), process_settings(cfg.threads, cfg.train.tf32):
+        return train_claimed(cfg, run, job)
 
 
-def train_claimed(cfg: DictConfig, run: RunDirectory) -> dict:
+@contextmanager
+def process_settings(threads: int | None, tf32: bool):
+    """torch's thread count and TF32 switches for one run, put back afterwards: they belong to the process,
+    and one that trains several runs (a notebook, the tests) would otherwise run the next one, and compare
+    it, under the previous run's settings."""
+    saved = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if threads:
+        torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+
+
+def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     """:func:`train`, once this process holds the run directory."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(run, resolved)
@@ -68,9 +87,6 @@ def train_claimed(cfg: DictConfig, run: RunDirectory) -> dict:
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
     device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     seed_everything(cfg.seed)
     data = load_data(cfg.data, cfg.seed).to(device)
     model = build_model(cfg, data).to(device)
@@ -99,7 +115,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory) -> dict:
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "git_commit": git_commit(), "started": now(), "finished": None, "error": None,
+        "git_commit": git_commit(), "started": now(), "finished": None, "error": None, "job": job,
     }
     run.write_summary(summary)
 
@@ -253,12 +269,12 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
         reason = str(err).splitlines()[0].split(". ")[0][:120] if str(err) else ""
         raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {reason}); it is corrupt or "
                           "not a bnopt checkpoint. Move it away to start this run afresh, or choose another "
-                          "output directory (hydra.run.dir=...)") from None
+                          "output directory") from None
     differences = [d for d in config_differences(state["config"], resolved) if d.split(":")[0] not in NOT_IDENTITY]
     if differences:
         diffs = ", ".join(differences[:5])
         raise ResumeError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
-                          "overwrite its results. Choose another output directory (hydra.run.dir=...)")
+                          "overwrite its results. Choose another output directory")
     return state
 
 
