@@ -211,6 +211,9 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
         assert summary["status"] == "running"  # killed without a word: the summary says so
     kept = read_rows(tmp_path, ("train/",))
     assert kept and kept == read_rows(uninterrupted, ("train/",))[: len(kept)]  # flushed as it went
+    stopped = (tmp_path / "summary.json").read_bytes()
+    assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={tmp_path}"), "another config")
+    assert (tmp_path / "summary.json").read_bytes() == stopped  # still says how the run stopped, not "failed"
 
     resumed = run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}")
     assert resumed.returncode == 0, resumed.stderr
@@ -232,6 +235,8 @@ def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uni
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert_one_line_error(run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}"), "cannot be read", "corrupt",
                           "another output directory (hydra.run.dir=...)")
+    failed = json.loads((tmp_path / "summary.json").read_text())  # nothing else says why this run did not start
+    assert failed["status"] == "failed" and "cannot be read" in failed["error"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
 
 

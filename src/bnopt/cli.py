@@ -2,7 +2,9 @@
 
 User errors (a bad config value, a missing or damaged data set, a checkpoint of another run in the output
 directory, a run that another process is training) print one line and exit with status 2, no traceback. In a
-sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on.
+sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
+refused because its directory holds another run (another config, or a trainer at work) leaves that run's
+summary as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import gpu_slot, job_threads, limit_threads
-from bnopt.train import ResumeError, train
+from bnopt.train import AnotherConfigError, ResumeError, train
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
                RunBusyError)
@@ -52,7 +54,7 @@ def main(cfg: DictConfig) -> dict | None:
         about_the_directory = isinstance(err, (ResumeError, RunBusyError))  # "... choose another output directory"
         key = f" ({'hydra.sweep.dir' if in_sweep else 'hydra.run.dir'}=...)" if about_the_directory else ""
         print(f"error: {err}{key}", file=sys.stderr)
-        if not isinstance(err, RunBusyError):  # a busy run's summary is its trainer's
+        if not isinstance(err, (RunBusyError, AnotherConfigError)):  # the summary there is another run's
             record_failure(run_dir, err, job)
         if not in_sweep:
             sys.exit(2)
@@ -64,8 +66,8 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 def record_failure(run_dir: Path, err: Exception, job: dict) -> None:
-    """A ``failed`` summary for errors raised before the run wrote its own, unless it finished before. A
-    summary already there keeps its ``job``: the results in the directory are that job's."""
+    """A ``failed`` summary for errors raised before the run wrote its own (a bad value, missing data, an
+    unreadable checkpoint), unless it finished before. A summary already there keeps its ``job``."""
     run = RunDirectory(run_dir)
     previous = run.read_summary() or {"job": job}
     if previous.get("status") in ("completed", "diverged", "failed"):

@@ -48,6 +48,10 @@ class ResumeError(RuntimeError):
     another output directory"; the CLI adds the key that sets it."""
 
 
+class AnotherConfigError(ResumeError):
+    """The output directory holds a run of another config: its files, summary included, are that run's."""
+
+
 def train(cfg: DictConfig, run_dir: Path, job: dict | None = None) -> dict:
     """Train one run described by ``cfg`` into ``run_dir``; return its summary. One process at a time trains
     in a run directory: another one gets :class:`~bnopt.rundir.RunBusyError`. ``job`` is how the launcher
@@ -273,7 +277,7 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
     differences = [d for d in config_differences(state["config"], resolved) if d.split(":")[0] not in NOT_IDENTITY]
     if differences:
         diffs = ", ".join(differences[:5])
-        raise ResumeError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
+        raise AnotherConfigError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
                           "overwrite its results. Choose another output directory")
     return state
 
