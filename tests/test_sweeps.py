@@ -86,8 +86,9 @@ def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = read_index(tmp_path)
     assert [r["status"] for r in rows] == ["completed", "completed"]
-    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "1" / "summary.json").read_text())
     assert summary["threads"] == 1  # cpus_per_task of configs/hydra/launcher/submitit_local.yaml
+    assert summary["job"] == {"num": 1, "overrides": ["+experiment=dln_bn", "scale=smoke", "probes=none", "norm=batchnorm"]}
 
 
 def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(tmp_path):
