@@ -240,6 +240,17 @@ def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uni
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
 
 
+def test_a_failure_replaces_a_summary_that_is_not_a_json_object(tmp_path):
+    """Valid JSON of the wrong kind (a list) is as unreadable as a summary cut short: recording the failure
+    writes a fresh one instead of crashing on it."""
+    from bnopt.cli import record_failure
+
+    (tmp_path / "summary.json").write_text('["not", "a summary"]')
+    record_failure(tmp_path, ConfigError("optim.lr", -1, "a positive learning rate"), {"num": 2, "overrides": []})
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["job"] == {"num": 2, "overrides": []}
+
+
 def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_path):
     """Two processes in one run directory would interleave metrics rows and overwrite checkpoints; the second
     is refused in one line and touches nothing, also as a sweep job (the sweep goes on). The SIGKILL test

@@ -172,8 +172,7 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
     ``search_paths``; downloads into ``root`` with torchvision if allowed."""
     title, tv_class = MNIST_FORMAT[name]
     directories = [root, root / tv_class / "raw", *map(Path, search_paths)]
-    found = next(((d, f) for d in directories if (f := find_idx_files(d))), None)
-    files = None if found is None else found[1]
+    found_in, files = next(((d, f) for d in directories if (f := find_idx_files(d))), (None, None))
     if files is None and download:
         _download(tv_class, root, title)
         files = find_idx_files(root / tv_class / "raw")
@@ -187,10 +186,10 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
             + (" (on Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
                "/usr/share/datasets/fashion-mnist)." if name == "fashion_mnist" else ".")
         )
-    if found is not None and found[0] in directories[2:]:
+    if found_in in directories[2:]:
         # A search path is someone else's copy (Debian's package, a shared directory): not ours to delete.
         fix = (f"fetch a fresh copy into data.root ({root}) with data.search_paths=[] data.download=true, or "
-               f"repair the copy in {found[0]}"
+               f"repair the copy in {found_in}"
                + (" (apt-get install --reinstall dataset-fashion-mnist)" if name == "fashion_mnist" else ""))
     else:
         fix = ("delete the files and run again with data.download=true to fetch them afresh, or replace them with "

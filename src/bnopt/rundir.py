@@ -148,10 +148,12 @@ class RunDirectory:
         _atomic_write_text(self.summary, json.dumps(_json_safe(summary), indent=2) + "\n")
 
     def read_summary(self) -> dict | None:
+        """The summary, or None if it is missing or unreadable (cut short, or JSON that is not an object)."""
         try:
-            return json.loads(self.summary.read_text())
+            summary = json.loads(self.summary.read_text())
         except (OSError, ValueError):
             return None
+        return summary if isinstance(summary, dict) else None
 
     def save_checkpoint(self, state: dict) -> None:
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")

@@ -91,6 +91,8 @@ def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
 def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
     rows = []
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        # Read here, not with RunDirectory.read_summary: this module stays free of torch (the index script's
+        # start-up), and the index tells a missing summary from an unreadable one.
         try:
             summary, problem = json.loads((run_dir / "summary.json").read_text()), None
         except (OSError, ValueError) as err:

@@ -277,8 +277,8 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
     differences = [d for d in config_differences(state["config"], resolved) if d.split(":")[0] not in NOT_IDENTITY]
     if differences:
         diffs = ", ".join(differences[:5])
-        raise AnotherConfigError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing to "
-                          "overwrite its results. Choose another output directory")
+        raise AnotherConfigError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing "
+                                 "to overwrite its results. Choose another output directory")
     return state
 
 
