@@ -63,7 +63,8 @@ def curve(ax, runs: list[Run], metric: str, color, label: str, layer: int | None
     stats = aggregate(series)
     ax.plot(stats.index, stats["mean"], style, color=color, label=label, lw=1.2)
     if len(series) > 1:
-        ax.fill_between(stats.index, stats["min"], stats["max"], color=color, alpha=0.15, lw=0)
+        # Arrays, not Series: numpy 1.24.0 (which pyproject.toml admits) fails on a Series in fill_between.
+        ax.fill_between(stats.index, stats["min"].values, stats["max"].values, color=color, alpha=0.15, lw=0)
     for run, s in zip(runs, series):
         if run.status == "diverged":
             ax.plot(s.index[-1], s.iloc[-1], "x", color=color, ms=8, mew=2)
