@@ -11,9 +11,12 @@ from conftest import REPO
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 
+def project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
 def lower_bounds() -> dict[str, Version]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    texts = project["dependencies"] + [t for extra in project["optional-dependencies"].values() for t in extra]
+    texts = project()["dependencies"] + [t for extra in project()["optional-dependencies"].values() for t in extra]
     bounds = {}
     for text in texts:
         requirement = Requirement(text)
@@ -35,3 +38,8 @@ def oldest_pins() -> dict[str, Version]:
 
 def test_ci_tests_every_requirement_at_its_lower_bound():
     assert oldest_pins() == lower_bounds()
+
+
+def test_ci_runs_the_oldest_suite_on_the_oldest_python_admitted():
+    oldest = project()["requires-python"].removeprefix(">=")
+    assert f"PYENV_VERSION={oldest} python{oldest} " in (REPO / ".ci" / "run").read_text()
