@@ -16,7 +16,8 @@ def project() -> dict:
 
 
 def lower_bounds() -> dict[str, Version]:
-    texts = project()["dependencies"] + [t for extra in project()["optional-dependencies"].values() for t in extra]
+    declared = project()
+    texts = declared["dependencies"] + [t for extra in declared["optional-dependencies"].values() for t in extra]
     bounds = {}
     for text in texts:
         requirement = Requirement(text)
