@@ -15,6 +15,14 @@ MLP_DATA="${MLP_DATA:-mnist}"
 JOBS="${JOBS:-1}"
 RESULTS="${RESULTS:-$REPO/results}"
 
+# A job whose run's place holds a run of another config (this recipe given another override before), or a run
+# that another process is training, is refused and the sweep goes on; the RefusedJobs callback lists such jobs
+# here, and the recipe stops before drawing a figure from runs that are not its own. In RESULTS because every
+# job writes it (on a cluster, from its node).
+mkdir -p "$RESULTS"
+REFUSED="$(mktemp "$RESULTS/.refused-jobs.XXXXXX")"
+trap 'rm -f "$REFUSED"' EXIT
+
 # sweep <experiment> <model> [store suffix]: every job of the experiment's Hydra sweep, at its fixed place.
 sweep() {
   local experiment=$1 model=$2 store="$2${3:-}" scale=$SCALE data
@@ -29,7 +37,23 @@ sweep() {
   echo "== $experiment: scale=$scale data=$data -> $RESULTS/$scale-$data/$store/"
   python "$REPO/train.py" -m "+experiment=$experiment" "scale=$scale" "data=$data" \
     "hydra.sweep.dir=$RESULTS/$scale-$data/$store" 'hydra.sweep.subdir=${norm.name}_lr${optim.lr}_seed${seed}' \
+    '+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs' \
+    "+hydra.callbacks.refused_jobs.record=$REFUSED" \
     ${launcher[@]+"${launcher[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+  if [ -s "$REFUSED" ]; then
+    {
+      echo "error: $experiment: jobs were refused, so these runs are not this command's; nothing drawn:"
+      sed 's/^/  /' "$REFUSED"
+      if grep -q "another config" "$REFUSED"; then
+        echo "A recipe places each run by its norm, lr and seed only; give runs of other overrides their own tree:"
+        echo "  RESULTS=<another dir> $0 $SCALE ${EXTRA[*]-}"
+      fi
+      if grep -q "another process" "$REFUSED"; then
+        echo "Run the recipe again when the other process has ended: it then finds those runs finished."
+      fi
+    } >&2
+    exit 2
+  fi
 }
 
 # figure <key>: draw it from everything stored under results/.

@@ -6,8 +6,10 @@
 
 Reads ``config.yaml`` and ``metrics.csv`` (and ``summary.json``, ``activations.npz``) of every run found
 at or below ``--runs`` (directories or globs); runs that cannot be parsed are named and skipped, missing
-runs are named and the rest is drawn. Writes ``<out>/fig<key>.png`` and ``.pdf``; exits 1 when nothing
-was drawn (no runs read, or none that the figure needs).
+runs are named and the rest is drawn. Writes ``<out>/fig<key>.png`` and ``.pdf`` (``fig<key>_<sets>``, one
+per combination, when the runs hold several result sets of a model); a figure that found none of the runs
+it needs is not written, so a file drawn before stays. Exits 1 when nothing was drawn (no runs read, or
+none that the figure needs).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     python scripts/report.py                      # from the committed results under results/
     python scripts/report.py --runs results/cpu-fashion_mnist results/paper-gaussian_regression
 
-Prints markdown. Each number says what it is computed from; seeds are summarised as mean (min-max).
+Prints markdown. Each number says what it is computed from; seeds are summarised as mean (min-max). A model
+with runs in several result sets (scale and data set) gets a table per set, as the figures get a file each.
 """
 
 from __future__ import annotations
@@ -55,63 +56,64 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def first_set(runs: list[Run], model: str, lr_sweep: bool = False) -> tuple[str, list[Run]]:
-    sets = result_sets(runs, model, lr_sweep)
-    if not sets:
-        return "", []
-    name = sorted(sets)[0]
-    return name, sets[name]
+def each_set(runs: list[Run], model: str, lr_sweep: bool = False) -> list[tuple[str, list[Run]]]:
+    """The result sets of ``model``, ``(name, runs)`` sorted by name."""
+    return sorted(result_sets(runs, model, lr_sweep).items())
 
 
 def vgg_training(runs: list[Run]) -> str:
-    name, vgg = first_set(runs, "vgg")
-    rows = []
-    for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1),
-                     ("lpinf", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01), ("batchnorm", 0.01)]:
-        chosen = select(vgg, norm__name=norm, optim__lr=lr)
-        if not chosen:
-            continue
-        rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
-                     seeds([final(r, "train/acc") for r in chosen]), seeds([final(r, "test/acc") for r in chosen]),
-                     ", ".join(sorted({r.status for r in chosen}))])
-    return f"**VGG training** ({name}):\n\n" + table(
-        ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)", "final train acc (batch)",
-         "final test acc", "status"], rows)
+    out = []
+    for name, vgg in each_set(runs, "vgg"):
+        rows = []
+        for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1),
+                         ("lpinf", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01), ("batchnorm", 0.01)]:
+            chosen = select(vgg, norm__name=norm, optim__lr=lr)
+            if not chosen:
+                continue
+            rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
+                         seeds([final(r, "train/acc") for r in chosen]),
+                         seeds([final(r, "test/acc") for r in chosen]), ", ".join(sorted({r.status for r in chosen}))])
+        out.append(f"**VGG training** ({name}):\n\n" + table(
+            ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)", "final train acc (batch)",
+             "final test acc", "status"], rows))
+    return "\n\n".join(out)
 
 
 def activation_stability(runs: list[Run]) -> str:
-    name, vgg = first_set(runs, "vgg")
-    rows = []
-    for norm in ("none", "batchnorm", "noisy_batchnorm"):
-        chosen = select(vgg, norm__name=norm, optim__lr=0.1)
-        for layer in (2, 9, 13):
-            if not chosen:
-                continue
-            mean, var = chosen[0].series("act/mean", layer), chosen[0].series("act/var", layer)
-            if not len(mean):
-                continue
-            rows.append([LABELS[norm], f"#{layer}", f"{mean.diff().abs().median():.3g}",
-                         f"{var.diff().abs().median():.3g}", f"{(mean - mean.iloc[0]).abs().max():.3g}",
-                         f"{(var - var.iloc[0]).abs().max():.3g}"])
-    return f"**Activation moments** (one unit, measurements 100 steps apart; {name}):\n\n" + table(
-        ["variant", "layer", "median |Δμ|", "median |Δσ²|", "max |μ(t) − μ(0)|", "max |σ²(t) − σ²(0)|"], rows)
+    out = []
+    for name, vgg in each_set(runs, "vgg"):
+        rows = []
+        for norm in ("none", "batchnorm", "noisy_batchnorm"):
+            chosen = select(vgg, norm__name=norm, optim__lr=0.1)
+            for layer in (2, 9, 13):
+                if not chosen:
+                    continue
+                mean, var = chosen[0].series("act/mean", layer), chosen[0].series("act/var", layer)
+                if not len(mean):
+                    continue
+                rows.append([LABELS[norm], f"#{layer}", f"{mean.diff().abs().median():.3g}",
+                             f"{var.diff().abs().median():.3g}", f"{(mean - mean.iloc[0]).abs().max():.3g}",
+                             f"{(var - var.iloc[0]).abs().max():.3g}"])
+        out.append(f"**Activation moments** (one unit, measurements 100 steps apart; {name}):\n\n" + table(
+            ["variant", "layer", "median |Δμ|", "median |Δσ²|", "max |μ(t) − μ(0)|", "max |σ²(t) − σ²(0)|"], rows))
+    return "\n\n".join(out)
 
 
 def ics(runs: list[Run]) -> str:
     out = []
     for model, lrs, layers in (("vgg", (0.1, 0.01), (5, 10)), ("dln", (1e-6, 1e-7), (9, 17))):
-        name, rs = first_set(runs, model)
-        rows = []
-        for lr in lrs:
-            for norm in ("none", "batchnorm"):
-                chosen = select(rs, norm__name=norm, optim__lr=lr)
-                for layer in layers:
-                    if chosen:
-                        rows.append([LABELS[norm], f"{lr:g}", f"#{layer}",
-                                     seeds([median_over_training(r, "ics/l2", layer) for r in chosen]),
-                                     seeds([median_over_training(r, "ics/cos", layer) for r in chosen])])
-        out.append(f"**ICS, {model.upper()}** ({name}; medians over training, then over seeds):\n\n" + table(
-            ["variant", "lr", "layer", "‖G − G'‖₂", "cos(G, G')"], rows))
+        for name, rs in each_set(runs, model):
+            rows = []
+            for lr in lrs:
+                for norm in ("none", "batchnorm"):
+                    chosen = select(rs, norm__name=norm, optim__lr=lr)
+                    for layer in layers:
+                        if chosen:
+                            rows.append([LABELS[norm], f"{lr:g}", f"#{layer}",
+                                         seeds([median_over_training(r, "ics/l2", layer) for r in chosen]),
+                                         seeds([median_over_training(r, "ics/cos", layer) for r in chosen])])
+            out.append(f"**ICS, {model.upper()}** ({name}; medians over training, then over seeds):\n\n" + table(
+                ["variant", "lr", "layer", "‖G − G'‖₂", "cos(G, G')"], rows))
     return "\n\n".join(out)
 
 
@@ -130,42 +132,44 @@ def spread(run: Run, metric: str, first: bool = False) -> float:
 def landscape(runs: list[Run]) -> str:
     out = []
     for model, lr in (("vgg", 0.1), ("dln", 1e-6)):
-        name, rs = first_set(runs, model)
-        rows, betas = [], {}
-        for norm in LP_VARIANTS:
-            chosen = select(rs, norm__name=norm, optim__lr=lr)
-            if not chosen:
-                continue
-            beta = [r.series("landscape/beta") for r in chosen]
-            betas[norm] = [float(b.median()) for b in beta]
-            rows.append([LABELS[norm], seeds([spread(r, "landscape/loss") for r in chosen]),
-                         seeds([spread(r, "landscape/loss", first=True) for r in chosen]),
-                         seeds([spread(r, "landscape/grad_diff") for r in chosen]),
-                         seeds([spread(r, "landscape/grad_diff", first=True) for r in chosen]),
-                         seeds(betas[norm]), seeds([float(early(b).median()) for b in beta]),
-                         seeds([float(b.max()) for b in beta])])
-        ratio = ""
-        if betas.get("none") and betas.get("batchnorm"):
-            ratio = (f"\n\nEffective β without BN / with BN (medians over training, mean over seeds): "
-                     f"{np.nanmean(betas['none']) / np.nanmean(betas['batchnorm']):.3g}.")
-        out.append(f"**Landscape along the gradient, {model.upper()}** ({name}, lr {lr:g}; per step the range "
-                   f"over the η grid; medians over all of training and over its first fifth):\n\n" + table(
-                       ["variant", "loss range", "loss range, first fifth", "grad-predictiveness range",
-                        "grad-predictiveness range, first fifth", "effective β", "β, first fifth", "β, max"],
-                       rows) + ratio)
+        for name, rs in each_set(runs, model):
+            rows, betas = [], {}
+            for norm in LP_VARIANTS:
+                chosen = select(rs, norm__name=norm, optim__lr=lr)
+                if not chosen:
+                    continue
+                beta = [r.series("landscape/beta") for r in chosen]
+                betas[norm] = [float(b.median()) for b in beta]
+                rows.append([LABELS[norm], seeds([spread(r, "landscape/loss") for r in chosen]),
+                             seeds([spread(r, "landscape/loss", first=True) for r in chosen]),
+                             seeds([spread(r, "landscape/grad_diff") for r in chosen]),
+                             seeds([spread(r, "landscape/grad_diff", first=True) for r in chosen]),
+                             seeds(betas[norm]), seeds([float(early(b).median()) for b in beta]),
+                             seeds([float(b.max()) for b in beta])])
+            ratio = ""
+            if betas.get("none") and betas.get("batchnorm"):
+                ratio = (f"\n\nEffective β without BN / with BN (medians over training, mean over seeds): "
+                         f"{np.nanmean(betas['none']) / np.nanmean(betas['batchnorm']):.3g}.")
+            out.append(f"**Landscape along the gradient, {model.upper()}** ({name}, lr {lr:g}; per step the range "
+                       f"over the η grid; medians over all of training and over its first fifth):\n\n" + table(
+                           ["variant", "loss range", "loss range, first fifth", "grad-predictiveness range",
+                            "grad-predictiveness range, first fifth", "effective β", "β, first fifth", "β, max"],
+                           rows) + ratio)
     return "\n\n".join(out)
 
 
 def dln_losses(runs: list[Run]) -> str:
-    name, dln = first_set(runs, "dln")
-    rows = []
-    for norm in LP_VARIANTS:
-        chosen = select(dln, norm__name=norm, optim__lr=1e-6)
-        if chosen:
-            rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in chosen]),
-                         seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
-    return f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n" + table(
-        ["variant", "final loss", "initial loss"], rows)
+    out = []
+    for name, dln in each_set(runs, "dln"):
+        rows = []
+        for norm in LP_VARIANTS:
+            chosen = select(dln, norm__name=norm, optim__lr=1e-6)
+            if chosen:
+                rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in chosen]),
+                             seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
+        out.append(f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n"
+                   + table(["variant", "final loss", "initial loss"], rows))
+    return "\n\n".join(out)
 
 
 def first_to_last_tenth(series: pd.Series) -> str:
@@ -175,46 +179,46 @@ def first_to_last_tenth(series: pd.Series) -> str:
 
 
 def mlp(runs: list[Run]) -> str:
-    name, rs = first_set(runs, "mlp")
-    rows = []
-    for norm in ("none", "batchnorm"):
-        chosen = select(rs, norm__name=norm)
-        if not chosen:
-            continue
-        run = chosen[0]
-        acc = run.series("test/acc")
-        at = {s: (f"{acc.loc[s]:.3f}" if s in acc.index else "–") for s in (1000, 5000, 10000, 50000)}
-        layer = run.get("probes.activations.layers", (3,))[-1]
-        q15, q50, q85 = (run.series(f"act/q{q}", layer) for q in (15, 50, 85))
-        if len(q50):
-            drift, width = first_to_last_tenth(q50), first_to_last_tenth(q85 - q15)
-        else:
-            drift = width = "–"
-        rows.append([LABELS[norm], *at.values(), drift, width])
-    return f"**MLP** ({name}):\n\n" + table(
-        ["variant", "test acc @1k", "@5k", "@10k", "@50k", "median sigmoid input, first → last 10% of training",
-         "15–85% spread, first → last 10%"], rows)
+    out = []
+    for name, rs in each_set(runs, "mlp"):
+        rows = []
+        for norm in ("none", "batchnorm"):
+            chosen = select(rs, norm__name=norm)
+            if not chosen:
+                continue
+            run = chosen[0]
+            acc = run.series("test/acc")
+            at = {s: (f"{acc.loc[s]:.3f}" if s in acc.index else "–") for s in (1000, 5000, 10000, 50000)}
+            layer = run.get("probes.activations.layers", (3,))[-1]
+            q15, q50, q85 = (run.series(f"act/q{q}", layer) for q in (15, 50, 85))
+            if len(q50):
+                drift, width = first_to_last_tenth(q50), first_to_last_tenth(q85 - q15)
+            else:
+                drift = width = "–"
+            rows.append([LABELS[norm], *at.values(), drift, width])
+        out.append(f"**MLP** ({name}):\n\n" + table(
+            ["variant", "test acc @1k", "@5k", "@10k", "@50k", "median sigmoid input, first → last 10% of training",
+             "15–85% spread, first → last 10%"], rows))
+    return "\n\n".join(out)
 
 
 def lr_sweep(runs: list[Run]) -> str:
     out = []
     for model in ("vgg", "dln", "mlp"):
-        name, rs = first_set(runs, model, lr_sweep=True)
-        if not rs:
-            continue
-        frame = pd.DataFrame([{"norm": r.get("norm.name"), "lr": r.get("optim.lr"), "status": r.status,
-                               "loss": r.summary.get("final", {}).get("train/loss", np.nan),
-                               "acc": r.summary.get("final", {}).get("test/acc", np.nan)} for r in rs])
-        classification = frame.acc.notna().any()
-        rows = []
-        for (norm, lr), group in frame.groupby(["norm", "lr"]):
-            finished = group[group.status != "diverged"]
-            row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
-                   seeds(finished.loss.tolist())]
-            rows.append(row + [seeds(finished.acc.tolist())] if classification else row)
-        columns = ["variant", "lr", "diverged", "final train loss (not diverged)"]
-        out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
-            columns + ["final test acc (not diverged)"] if classification else columns, rows))
+        for name, rs in each_set(runs, model, lr_sweep=True):
+            frame = pd.DataFrame([{"norm": r.get("norm.name"), "lr": r.get("optim.lr"), "status": r.status,
+                                   "loss": r.summary.get("final", {}).get("train/loss", np.nan),
+                                   "acc": r.summary.get("final", {}).get("test/acc", np.nan)} for r in rs])
+            classification = frame.acc.notna().any()
+            rows = []
+            for (norm, lr), group in frame.groupby(["norm", "lr"]):
+                finished = group[group.status != "diverged"]
+                row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
+                       seeds(finished.loss.tolist())]
+                rows.append(row + [seeds(finished.acc.tolist())] if classification else row)
+            columns = ["variant", "lr", "diverged", "final train loss (not diverged)"]
+            out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
+                columns + ["final test acc (not diverged)"] if classification else columns, rows))
     return "\n\n".join(out)
 
 
@@ -226,7 +230,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed_result_dirs(REPO)])
     args = parser.parse_args()
     runs = load_runs(args.runs, warn=lambda m: print(m, file=sys.stderr))
-    print("\n\n".join(section(runs) for section in SECTIONS))
+    print("\n\n".join(text for text in (section(runs) for section in SECTIONS) if text))  # no runs: no table
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
     python scripts/sweep_index.py results/runs/dln_bn/2026-11-21/12-00-00 [more sweep dirs...]
 
-One row per run directory: job number, overrides, status (completed, diverged, failed, interrupted,
-running, unreadable), steps, final train/test metrics, wall time. A sweep writes it when it ends; this
-rebuilds it for a sweep that was killed or is still running.
+One row per run directory: job number and overrides of the command that trained it (empty where they
+cannot be known), status (completed, diverged, failed, interrupted, running, unknown), steps, final
+train/test metrics, wall time, error. A sweep writes it when it ends; this rebuilds it for a sweep that was
+killed or is still running.
 """
 
 import argparse

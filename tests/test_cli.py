@@ -43,6 +43,7 @@ from conftest import REPO, compose_config, read_rows, run_cli, train_run
     (["name=a/b"], "name"),
     (["name="], "name"),
     (["seed=-1"], "seed"),
+    (["seed=9223372036854775808"], "seed"),  # 2**63: past what the loaders' generators take
     (["device=cuda:x"], "device"),
     (["threads=0"], "threads"),
     (["model.name=resnet"], "model.name"),
@@ -57,6 +58,7 @@ from conftest import REPO, compose_config, read_rows, run_cli, train_run
     (["+experiment=dln_bn", "data.dim=0"], "data.dim"),
     (["+experiment=dln_bn", "data.loss_scale=0"], "data.loss_scale"),
     (["+experiment=dln_bn", "data.seed=-1"], "data.seed"),
+    (["+experiment=dln_bn", "data.seed=9223372036854775808"], "data.seed"),
     (["model=mlp", "data=gaussian_regression"], "model.name"),
     (["data.root="], "data.root"),
     (["data.download=maybe"], "data.download"),
@@ -141,6 +143,9 @@ def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
                           "optim.lr=-1", "positive learning rate")
     failed = json.loads((tmp_path / "a/summary.json").read_text())
     assert failed["status"] == "failed" and failed["job"] == {"num": None, "overrides": ["+experiment=dln_bn", "optim.lr=-1"]}
+    assert_one_line_error(run_cli("+experiment=dln_bn", "seed=-1", f"hydra.run.dir={tmp_path / 'a'}"), "seed=-1")
+    failed_again = json.loads((tmp_path / "a/summary.json").read_text())  # says why the latest command failed
+    assert failed_again["status"] == "failed" and failed_again["error"].startswith("ConfigError: seed=-1")
     assert_one_line_error(run_cli("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
                                   f"hydra.run.dir={tmp_path / 'b'}"), "MNIST not found", f"{tmp_path}/none")
     damaged = write_mnist(tmp_path / "damaged", n_train=30, n_test=20) / "train-images-idx3-ubyte.gz"
@@ -264,6 +269,7 @@ def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_pa
     with RunDirectory(run_dir).claimed():  # this process is the trainer
         assert_one_line_error(run_cli(*smoke, f"hydra.run.dir={run_dir}"),
                               f"{run_dir} is being trained by pid {os.getpid()}", "(hydra.run.dir=...)")
+        assert_one_line_error(run_cli(*smoke, "optim.lr=-1", f"hydra.run.dir={run_dir}"), "optim.lr=-1")
         sweep = run_cli("-m", *smoke, "seed=0", f"hydra.sweep.dir={run_dir.parent}", "hydra.sweep.subdir=job")
         assert sweep.returncode == 0 and "is being trained by" in sweep.stderr, sweep.stderr
         assert "another output directory (hydra.sweep.dir=...)" in sweep.stderr

@@ -1,6 +1,7 @@
 """Data loading from the real on-disk formats, clear errors when files are missing or damaged, tensor batching."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bnopt.data import (
-    BatchStream, DatasetNotFoundError, DatasetUnreadableError, gaussian_regression, load_cifar10, load_data, load_mnist_format, read_idx,
+    OFFICIAL_TRAIN_LABELS, BatchStream, DatasetNotFoundError, DatasetUnreadableError, find_idx_files, gaussian_regression,
+    load_cifar10, load_data, load_mnist_format, official_release, read_idx,
 )
 from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
 
@@ -117,15 +119,52 @@ def test_failed_download_is_a_clear_error_not_fake_data(tmp_path, monkeypatch):
     import torchvision.datasets
 
     class Offline:
-        def __init__(self, *args, **kwargs):
-            raise OSError("network is unreachable")
+        def __init__(self, *args, **kwargs):  # torchvision's own message spans lines
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.org/, got:\n"
+                               "<urlopen error network is unreachable>")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
-    with pytest.raises(DatasetNotFoundError, match="CIFAR-10 is not in .* downloading it failed .*unreachable"):
+    with pytest.raises(DatasetNotFoundError) as err:
         load_cifar10(tmp_path, download=True)
-    with pytest.raises(DatasetNotFoundError, match="MNIST is not in"):
-        load_mnist_format("mnist", tmp_path, download=True)
+    assert str(err.value).startswith(f"CIFAR-10 not found in {tmp_path / 'cifar-10-batches-py'}, and downloading it "
+                                     f"into {tmp_path} failed (RuntimeError: Error downloading train-images-idx3-ubyte"
+                                     ".gz: Tried https://example.org/, got: <urlopen error network is unreachable>)")
+    shared = tmp_path / "shared"
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_mnist_format("mnist", tmp_path, download=True, search_paths=[str(shared)])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("MNIST not found in ")
+    assert f"{tmp_path}, {tmp_path / 'MNIST' / 'raw'}, {shared}, and downloading" in message
+
+
+def write_official_lookalike(directory, name):
+    """IDX files with the official release's 60,000 training labels (their start) and one-pixel images."""
+    labels = np.zeros(60000, dtype=np.uint8)
+    labels[:10] = OFFICIAL_TRAIN_LABELS[name]
+    directory.mkdir(parents=True)
+    for split, split_labels in (("train", labels), ("t10k", labels[:10])):
+        write_idx(directory / f"{split}-images-idx3-ubyte", np.zeros((len(split_labels), 1, 1), np.uint8), True)
+        write_idx(directory / f"{split}-labels-idx1-ubyte", split_labels, True)
+
+
+@pytest.mark.parametrize("name, other, other_title", [("mnist", "fashion_mnist", "Fashion-MNIST"),
+                                                       ("fashion_mnist", "mnist", "MNIST")])
+def test_the_other_data_sets_files_in_the_shared_root_are_passed_over(tmp_path, name, other, other_title):
+    # Both data sets have the same file names and, by default, the same data.root.
+    root = tmp_path / "data"
+    write_official_lookalike(root, other)
+    with pytest.raises(DatasetNotFoundError, match=f"\\({root} holds {other_title}, not "):
+        load_mnist_format(name, root, download=False)
+    tv_class = "MNIST" if name == "mnist" else "FashionMNIST"
+    write_mnist(root / tv_class / "raw", n_train=30, n_test=20)
+    assert load_mnist_format(name, root, download=False)["train_x"].shape == (30, 1, 28, 28)
+    assert load_mnist_format(other, root, download=False)["train_x"].shape == (60000, 1, 1, 1)
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no Debian dataset-fashion-mnist")
+def test_the_real_fashion_mnist_is_told_from_mnist():
+    assert official_release(find_idx_files(Path("/usr/share/datasets/fashion-mnist"))) == "fashion_mnist"
 
 
 def test_cifar10_pickled_batches(tmp_path):
@@ -212,6 +251,23 @@ def test_batch_stream_state_round_trip_continues_identically():
     b = BatchStream(x, y, batch_size=7, seed=99)
     b.load_state_dict(state)
     assert all(torch.equal(b.next()[1], e) for e in expected)
+
+
+def test_a_stream_saved_on_another_device_continues_its_order_unless_it_augments():
+    """A run may resume on another device (its identity leaves the device out). The data order continues,
+    drawn on the CPU either way; augmentation draws made by a GPU generator cannot continue on the CPU (nor
+    the other way), so such a stream is refused, not continued with other draws. The saved state stands in
+    for one written on a GPU: this machine may have none."""
+    x, y = torch.randn(50, 1, 4, 4), torch.arange(50)
+    a = BatchStream(x, y, batch_size=7, seed=1)
+    a.next()
+    state = {**a.state_dict(), "augment_device": "cuda", "augment_generator": torch.zeros(16, dtype=torch.uint8)}
+    expected = [a.next()[1] for _ in range(10)]
+    b = BatchStream(x, y, batch_size=7, seed=99)
+    b.load_state_dict(state)
+    assert all(torch.equal(b.next()[1], e) for e in expected)
+    with pytest.raises(ValueError, match="augmentation draws were made on cuda and cannot continue on cpu"):
+        BatchStream(x, y, batch_size=7, seed=1, augment=True).load_state_dict(state)
 
 
 def test_crop_and_flip_shift_and_mirror_each_image():

@@ -1,5 +1,6 @@
 """Figures from a small synthetic results directory, the grouping logic, and runs that cannot be parsed."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bnopt.figures import FIGURES, LABELS, Missing, density_image, draw, fig_lr_sweep, result_sets
+from bnopt.figures import FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, result_sets
 from bnopt.results import Run, RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, assert_every_figure_drawn, compose_config
@@ -21,10 +22,10 @@ DATA = {"vgg": "fashion_mnist", "mlp": "fashion_mnist", "dln": "gaussian_regress
 
 
 def fake_run(root: Path, model: str, norm: str, lr: float, seed: int = 0, steps: int = 300, diverge_at: int | None = None,
-             experiment: str = "fig", probes: bool = True) -> Path:
+             experiment: str = "fig", probes: bool = True, scale: str = "cpu") -> Path:
     """A run directory in the results contract, with plausible values for every metric the figures read."""
     overrides = [f"model={model}", f"data={DATA[model]}", f"norm={norm}", f"optim.lr={lr}", f"seed={seed}",
-                 "scale=cpu", f"name={experiment}", f"train.steps={steps}"]
+                 f"scale={scale}", f"name={experiment}", f"train.steps={steps}"]
     overrides.append("probes=[ics,landscape,activations]" if probes else "probes=none")
     cfg = compose_config(*overrides)
     run_dir = root / f"{model}-{norm}-{lr}-{seed}-{experiment}"
@@ -112,6 +113,24 @@ def test_missing_runs_are_named_and_the_rest_is_drawn(all_runs, tmp_path):
     assert any("no runs of dln" in m for m in messages)
 
 
+def test_a_figure_that_found_none_of_its_runs_is_not_written(results, tmp_path):
+    """Fig. 8 needs the DLN with BN: from unnormalised DLN runs alone it is not drawn, a figure drawn before
+    stays as it was, and make_figures.py exits 1 (a recipe must not go on); Fig. 9, which found some of its
+    runs, is drawn and names the others."""
+    unnormalised = str(results / "paper-gaussian_regression" / "dln" / "dln-none-*")
+    messages = []
+    assert draw("9", load_runs([unnormalised]), tmp_path, warn=messages.append) == [tmp_path / "fig9.png"]
+    assert messages == ["fig 9 [cpu-gaussian_regression]: missing DLN (norm.name=batchnorm, optim.lr=1e-06)"]
+    drawn_before = tmp_path / "fig8.png"
+    drawn_before.write_bytes(b"a good figure")
+    result = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "8", "--runs", unnormalised,
+                             "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "fig 8 [cpu-gaussian_regression]: none of the runs it needs" in result.stderr
+    assert "wrote" not in result.stdout
+    assert drawn_before.read_bytes() == b"a good figure" and not (tmp_path / "fig8.pdf").exists()
+
+
 def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tmp_path):
     run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
     clean_ax, with_nan_ax = plt.figure().gca(), plt.figure().gca()
@@ -143,6 +162,39 @@ def test_one_figure_per_result_set(all_runs, tmp_path):
     assert sorted(p.name for p in written) == ["fig4_cpu-fashion_mnist.png", "fig4_paper-fashion_mnist.png"]
 
 
+def test_every_result_set_gets_its_learning_rate_figure_and_report_tables(results, tmp_path, monkeypatch):
+    """A second VGG set (paper scale) next to the fixture's: the learning-rate figure is drawn once per
+    combination of sets, each from its own runs, and the report has a table for each set."""
+    paper = tmp_path / "paper"
+    for norm in ("none", "batchnorm"):
+        fake_run(paper, "vgg", norm, 0.3, steps=100, experiment="lr_sweep_vgg", probes=False, scale="paper")
+    fake_run(paper, "vgg", "batchnorm", 0.1, scale="paper")
+    runs = load_runs([results, paper])
+    drawn_from = []
+
+    def recording(sets, missing):
+        drawn_from.append({model: sorted(r.path.name for r in chosen) for model, chosen in sets.items()})
+        return fig_lr_sweep(sets, missing)
+
+    monkeypatch.setitem(FIGURES, "lr_sweep", dataclasses.replace(FIGURES["lr_sweep"], draw=recording))
+    written = draw("lr_sweep", runs, tmp_path / "out", warn=lambda m: None)
+    # the label names each set once, the unlabelled models' sets in order (DLN, then MLP)
+    assert [p.name for p in written] == [
+        "figlr_sweep_cpu-fashion_mnist+cpu-gaussian_regression.png",
+        "figlr_sweep_paper-fashion_mnist+cpu-gaussian_regression+cpu-fashion_mnist.png"]
+    sets = {m: {name: sorted(r.path.name for r in chosen) for name, chosen in result_sets(runs, m, True).items()}
+            for m in ("vgg", "dln", "mlp")}
+    assert drawn_from == [{"vgg": sets["vgg"][vgg], "dln": sets["dln"]["cpu-gaussian_regression"],
+                           "mlp": sets["mlp"]["cpu-fashion_mnist"]}
+                          for vgg in ("cpu-fashion_mnist", "paper-fashion_mnist")]
+
+    report = report_module()
+    sweep, training = report.lr_sweep(runs), report.vgg_training(runs)
+    for name in ("cpu-fashion_mnist", "paper-fashion_mnist"):
+        assert f"**Learning-rate sweep, VGG** ({name})" in sweep and f"**VGG training** ({name})" in training
+    assert "| BatchNorm | 0.3 | 0/1 |" in sweep.split("(paper-fashion_mnist)")[1]
+
+
 def test_lr_sweep_draws_accuracy_only_for_classification(results):
     runs = load_runs([results / "sweeps"])
     fig = fig_lr_sweep({m: select(runs, model__name=m) for m in ("vgg", "dln", "mlp")}, Missing())
@@ -171,13 +223,34 @@ def test_grouping_finds_what_varies_and_aggregates_seeds(results):
     assert select(dln, optim__lr=1e-7) == []
 
 
-def test_aggregate_keeps_diverged_runs_up_to_where_they_stopped():
+def test_aggregate_averages_the_shared_steps_and_diverged_runs_up_to_where_they_stopped():
     a = pd.Series([1.0, 2.0, 3.0], index=[0, 10, 20])
-    b = pd.Series([3.0], index=[0])
-    stats = aggregate([a, b])
-    assert stats["n"].tolist() == [2, 1, 1] and stats["mean"].tolist() == [2.0, 2.0, 3.0]
-    skewed = aggregate([a, b, pd.Series([8.0], index=[0])])  # the mean over seeds, not the median
+    b = pd.Series([3.0, 5.0], index=[0, 10])
+    # b interrupted (or still training) after step 10: the mean ends there instead of going on over a alone
+    shared = aggregate([a, b])
+    assert shared.index.tolist() == [0, 10] and shared["n"].tolist() == [2, 2]
+    assert shared["mean"].tolist() == [2.0, 3.5]
+    # b diverged after step 10: it has ended for good, and a goes on alone
+    stats = aggregate([a, b], diverged=[False, True])
+    assert stats["n"].tolist() == [2, 2, 1] and stats["mean"].tolist() == [2.0, 3.5, 3.0]
+    skewed = aggregate([a, b, pd.Series([8.0], index=[0])], diverged=[False, True, True])  # the mean, not the median
     assert skewed.loc[0].tolist() == [4.0, 1.0, 8.0, 3]
+
+
+def test_a_diverged_runs_mark_is_where_it_stopped_when_another_run_logged_nothing():
+    def run(status: str, last_step: int | None, offset: float) -> Run:
+        steps = [] if last_step is None else range(0, last_step + 1, 100)
+        rows = [(s, "train/loss", offset + s / 100, "", "") for s in steps]
+        return Run(Path("."), {}, pd.DataFrame(rows, columns=METRICS_HEADER.split(",")), {"status": status})
+
+    failed, diverged, completed = run("failed", None, 0.0), run("diverged", 200, 50.0), run("completed", 1000, 0.0)
+    ax = plt.figure().gca()
+    curve(ax, [failed, diverged, completed], "train/loss", "C0", "BN")
+    (mark,) = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert mark.get_xdata().tolist() == [200] and mark.get_ydata().tolist() == [52.0]
+    # the diverged run counts up to step 200, the completed one alone after it
+    assert lines_of(ax)["BN"].get_ydata().tolist() == [25.0, 26.0, 27.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    plt.close("all")
 
 
 # --- files that cannot be parsed -----------------------------------------------------------------------

@@ -25,11 +25,16 @@ def workspace(tmp_path):
     return data, tmp_path / "results"
 
 
-def run_recipe(name: str, data: Path, results: Path) -> subprocess.CompletedProcess:
+def start_recipe(name: str, data: Path, results: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``experiments/<name> smoke <overrides>``, whatever its exit status."""
     env = {**os.environ, "BNOPT_DATA": str(data), "RESULTS": str(results), "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # the recipes call `python`
-    result = subprocess.run(["bash", str(REPO / "experiments" / name), "smoke"], capture_output=True, text=True,
-                            env=env, timeout=1800)
+    return subprocess.run(["bash", str(REPO / "experiments" / name), "smoke", *overrides], capture_output=True,
+                          text=True, env=env, timeout=1800)
+
+
+def run_recipe(name: str, data: Path, results: Path, *overrides: str) -> subprocess.CompletedProcess:
+    result = start_recipe(name, data, results, *overrides)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     # make_figures names what it could not draw; a recipe's own sweeps leave nothing out
@@ -60,6 +65,25 @@ def test_a_recipe_trains_its_runs_at_their_fixed_places_and_draws_its_figures(wo
     assert_finished(runs)
     assert (results / "figures" / "fig3_a.png").stat().st_size > 0
     assert (results / "figures" / "fig3_b.png").stat().st_size > 0
+
+
+def test_a_recipe_whose_runs_were_made_with_other_overrides_stops_before_drawing(workspace):
+    """The run places name only norm, lr and seed: given an override that changes its runs, the recipe finds
+    every place taken by a run of the first command. Its jobs are refused, so it must not draw the old runs as
+    if they were the new ones. Overrides outside a run's identity find the runs finished."""
+    data, results = workspace
+    run_recipe("fig9_dln_landscape.sh", data, results, "threads=1")
+    runs, figure = trained_runs(results), results / "figures" / "fig9.png"
+    run_recipe("fig9_dln_landscape.sh", data, results, "threads=2", "name=renamed", "device=cpu")
+    assert trained_runs(results) == runs
+    drawn = figure.stat().st_mtime_ns
+    other = start_recipe("fig9_dln_landscape.sh", data, results, "threads=1", "optim.momentum=0.9")
+    assert other.returncode == 2, other.stdout[-3000:] + other.stderr[-3000:]
+    refused = [line for line in other.stderr.splitlines() if "holds a run of another config" in line]
+    assert len(refused) == len(runs) and all("(optim.momentum: 0.0 -> 0.9)" in line for line in refused)
+    assert "RESULTS=<another dir>" in other.stderr and "wrote" not in other.stdout
+    assert figure.stat().st_mtime_ns == drawn and trained_runs(results) == runs
+    assert not list(results.glob(".refused-jobs.*"))  # the recipe's list of refused jobs goes with it
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import bnopt.train
+from bnopt.rundir import RunDirectory
 from bnopt.sweeps import gpu_slot, index_rows, job_threads
 from conftest import REPO, read_rows, run_cli, train_run
 
@@ -108,6 +109,25 @@ def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(
     assert read_index(tmp_path) == first
 
 
+def test_refused_jobs_lists_a_job_whose_run_another_process_is_training(tmp_path):
+    """What the figure recipes check before drawing: a job refused because its run is busy is listed; jobs
+    that trained their runs, or failed on a bad value, are not."""
+    record = tmp_path / "refused.txt"
+    sweep = tmp_path / "sweep"
+    busy = RunDirectory(sweep / "1")
+    busy.path.mkdir(parents=True)
+    with busy.claimed():
+        busy.write_summary({"status": "running"})
+        result = run_cli("-m", "+experiment=dln_bn", "scale=smoke", "probes=none", "norm=none,batchnorm",
+                         "optim.lr=-1,1e-6", f"hydra.sweep.dir={sweep}",
+                         "+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs",
+                         f"+hydra.callbacks.refused_jobs.record={record}")
+    assert result.returncode == 0, result.stderr  # the sweep goes on past the refused job
+    assert {r["dir"]: r["status"] for r in read_index(sweep)} == {"0": "failed", "1": "running", "2": "failed",
+                                                                 "3": "completed"}
+    assert record.read_text() == f"{busy.path}: another process is training it\n"
+
+
 def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
     train_run(tmp_path / "0", "+experiment=dln_bn", "scale=smoke", "probes=none")
     (tmp_path / "1").mkdir()
@@ -132,6 +152,8 @@ def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tm
         (job / ".hydra").mkdir(parents=True)
         hydra = {"hydra": {"job": {"num": num}, "overrides": {"task": [f"seed={num}", "norm=none"]}}}
         (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+        (job / ".hydra" / "config.yaml").write_text(f"name: dln_bn\nseed: {num}\nthreads: null\n")
+        (job / "config.yaml").write_text(f"name: dln_bn\nseed: {num}\nthreads: 2\n")  # its job's share of cores
         if summary:  # job 2 was killed before it wrote one
             (job / "summary.json").write_text(summary)
     (tmp_path / "notes").mkdir()  # a user's own directory beside the jobs
@@ -144,6 +166,21 @@ def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tm
     assert (rows[1]["steps"], rows[1]["error"], rows[3]["train/loss"], rows[3]["test/acc"]) == (7, "", 0.5, "")
     assert warnings == [f"index: {tmp_path / '2' / 'summary.json'}: missing",
                         f"index: {tmp_path / '4' / 'summary.json'}: unreadable"]
+
+
+def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
+    """A summary from before it recorded the job (our committed runs): Hydra's .hydra/ names the last command
+    started in the directory, here another figure's sweep that found the shared run finished, not the one
+    that trained it (config.yaml's name). Its command is then left out, not guessed."""
+    run = tmp_path / "none_lr0.1_seed0"
+    (run / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"job": {"num": 0}, "overrides": {"task": ["norm=none", "+experiment=fig11"]}}}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (run / ".hydra" / "config.yaml").write_text("name: fig11\noptim:\n  lr: 0.1\nseed: 0\n")
+    (run / "config.yaml").write_text("name: fig1\noptim:\n  lr: 0.1\nseed: 0\n")
+    (run / "summary.json").write_text('{"status": "completed", "steps": 3000}')
+    [row] = index_rows(tmp_path)
+    assert (row["job"], row["dir"], row["overrides"], row["status"]) == ("", "none_lr0.1_seed0", "", "completed")
 
 
 # --- resume, deterministically -------------------------------------------------------------------------
@@ -183,6 +220,20 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, c
     final = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["model"]
     reference = torch.load(tmp_path / "reference/checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tmp_path, monkeypatch):
+    """Stopped at step 27 of 30, after its last train/* row (step 25): the resumed steps log none, and the
+    summary's final values still are the run's last ones, as a sweep's index and the figures read them."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none")
+    reference = train_run(tmp_path / "reference", *args)
+    real_stop_signals = bnopt.train.stop_signals
+    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(27))))
+    assert train_run(tmp_path / "run", *args)["steps"] == 27
+    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    resumed = train_run(tmp_path / "run", *args)
+    assert resumed["status"] == "completed" and resumed["final"] == reference["final"] != {}
+    assert json.loads((tmp_path / "run/summary.json").read_text())["final"] == reference["final"]
 
 
 def test_a_requeued_job_on_another_device_or_thread_count_is_the_same_run(tmp_path):

@@ -14,6 +14,7 @@ from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
 from bnopt.rundir import MetricsWriter, RunDirectory
 from bnopt.seeding import seed_everything
+from bnopt.train import AnotherConfigError
 from conftest import compose_config, read_rows, train_run
 
 
@@ -46,6 +47,21 @@ def test_dln_run_writes_the_results_contract(tmp_path):
     assert config["optim"]["lr"] == 1e-6 and config["train"]["batch_size"] == 1000 and "${" not in (tmp_path / "config.yaml").read_text()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 30 and "model" in checkpoint and "optimizer" in checkpoint
+
+
+def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(tmp_path):
+    """The committed results are kept without checkpoints (and a user may delete them to save space): the
+    summary says the run finished, its config.yaml whose run it is."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none")
+    train_run(tmp_path, *args)
+    (tmp_path / "checkpoint.pt").unlink()
+    finished = {name: (tmp_path / name).read_bytes() for name in ("metrics.csv", "summary.json", "config.yaml")}
+    assert train_run(tmp_path, *args, "name=another_label")["status"] == "completed"  # not re-run
+    with pytest.raises(AnotherConfigError, match=r"config.yaml belongs to a run with another config \(optim.lr: "
+                                                 r"1e-06 -> 2e-06\); refusing to overwrite its results"):
+        train_run(tmp_path, *args, "optim.lr=2e-6")
+    assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("finished_before", [False, True], ids=["trains", "already completed"])

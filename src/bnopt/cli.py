@@ -23,7 +23,7 @@ from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import gpu_slot, job_threads, limit_threads
-from bnopt.train import AnotherConfigError, ResumeError, train
+from bnopt.train import FINISHED, AnotherConfigError, ResumeError, train
 
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
                RunBusyError)
@@ -67,12 +67,14 @@ def main(cfg: DictConfig) -> dict | None:
 
 def record_failure(run_dir: Path, err: Exception, job: dict) -> None:
     """A ``failed`` summary for errors raised before the run wrote its own (a bad value, missing data, an
-    unreadable checkpoint), unless it finished before. A summary already there keeps its ``job``."""
+    unreadable checkpoint), unless the run finished before; a later failure replaces an earlier one. A
+    summary already there keeps its ``job``. Written only under the run directory's lock: a command refused
+    for a bad value must not write over the summary of a run that another process is training."""
     run = RunDirectory(run_dir)
-    previous = run.read_summary() or {"job": job}
-    if previous.get("status") in ("completed", "diverged", "failed"):
-        return
     try:
-        run.write_summary({**previous, "status": "failed", "error": f"{type(err).__name__}: {err}"})
-    except OSError:
-        pass  # an unwritable directory is itself the error being reported
+        with run.claimed():
+            previous = run.read_summary() or {"job": job}
+            if previous.get("status") not in FINISHED:
+                run.write_summary({**previous, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+    except (RunBusyError, OSError):
+        pass  # another process's run, or an unwritable directory (itself the error being reported)

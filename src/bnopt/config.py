@@ -56,6 +56,11 @@ def non_negative_int(v: Any) -> bool:
     return _is_int(v) and v >= 0
 
 
+def seed_value(v: Any) -> bool:
+    """What every generator a run seeds takes (torch's and numpy's take less than 2**64; the loaders add to it)."""
+    return non_negative_int(v) and v < 2**63
+
+
 def positive_number(v: Any) -> bool:
     return _is_number(v) and 0 < v < math.inf
 
@@ -95,7 +100,7 @@ def check_config(cfg: DictConfig) -> None:
     """Every check that needs only the config."""
     require(cfg, "name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
             "a non-empty label without '/' (it names the run directory)")
-    require(cfg, "seed", non_negative_int, "a non-negative integer")
+    require(cfg, "seed", seed_value, "an integer from 0 to 2**63 - 1")
     require(cfg, "device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
                                                              (v.startswith("cuda:") and v[5:].isdigit())),
             "auto, cpu, cuda or cuda:<index>")
@@ -118,7 +123,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "data.n_samples", positive_int, "a positive integer")
         require(cfg, "data.dim", positive_int, "a positive integer")
         require(cfg, "data.loss_scale", positive_number, "a positive number (0.5: TensorFlow's l2_loss)")
-        require(cfg, "data.seed", optional(non_negative_int), "null (the run seed) or a non-negative integer")
+        require(cfg, "data.seed", optional(seed_value), "null (the run seed) or an integer from 0 to 2**63 - 1")
         if model != "dln":
             raise ConfigError("model.name", model, "gaussian_regression data trains the deep linear network "
                               "(model=dln)")

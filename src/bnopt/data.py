@@ -153,17 +153,35 @@ MNIST_FORMAT = {
 }
 
 
-def _download(torchvision_class: str, root: Path, title: str) -> None:
+def _download(torchvision_class: str, root: Path, title: str, looked: str) -> None:
     import torchvision.datasets
 
     try:
         getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
     except Exception as err:  # offline, proxy, checksum: all end the same way for the user
+        reason = " ".join(str(err).split())[:300]  # torchvision's message spans lines; ours is one
         raise DatasetNotFoundError(
-            f"{title} is not in {root} and downloading it failed ({type(err).__name__}: {err}). "
-            f"Run once with internet access and data.download=true, or place the files as described "
-            f"in the README and set data.root to their directory."
+            f"{title} not found in {looked}, and downloading it into {root} failed ({type(err).__name__}: "
+            f"{reason}). Fix: run once with internet access and data.download=true, or place the files as "
+            f"described in the README and set data.root to their directory."
         ) from err
+
+
+# MNIST and Fashion-MNIST use the same four file names, so with one data.root for both (the default) a
+# directory of one must not pass for the other. Their official releases tell apart by the training labels:
+# 60,000 of them, beginning with these.
+OFFICIAL_TRAIN_LABELS = {"mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4), "fashion_mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5)}
+
+
+def official_release(files: dict[str, Path]) -> str | None:
+    """Which official release ("mnist" or "fashion_mnist") these IDX files are, told by their training labels;
+    None for any other files, and for labels that cannot be read (reading them in earnest says why)."""
+    try:
+        labels = read_idx(files["train_y"])
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None
+    start = tuple(labels[:10].tolist()) if labels.shape == (60000,) else None
+    return next((name for name, first in OFFICIAL_TRAIN_LABELS.items() if start == first), None)
 
 
 def load_mnist_format(name: str, root: Path, download: bool, search_paths: Sequence[str] = ()) -> dict:
@@ -172,12 +190,21 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
     ``search_paths``; downloads into ``root`` with torchvision if allowed."""
     title, tv_class = MNIST_FORMAT[name]
     directories = [root, root / tv_class / "raw", *map(Path, search_paths)]
-    found_in, files = next(((d, f) for d in directories if (f := find_idx_files(d))), (None, None))
+    found_in = files = None
+    other_data_sets = []  # directories holding the other data set's official files, passed over
+    for directory in directories:
+        candidate = find_idx_files(directory)
+        release = None if candidate is None else official_release(candidate)
+        if release not in (None, name):
+            other_data_sets.append(f"{directory} holds {MNIST_FORMAT[release][0]}, not {title}")
+        elif candidate is not None:
+            found_in, files = directory, candidate
+            break
+    looked = ", ".join(str(d) for d in directories) + "".join(f" ({note})" for note in other_data_sets)
     if files is None and download:
-        _download(tv_class, root, title)
-        files = find_idx_files(root / tv_class / "raw")
+        _download(tv_class, root, title, looked)
+        found_in, files = root / tv_class / "raw", find_idx_files(root / tv_class / "raw")
     if files is None:
-        looked = ", ".join(str(d) for d in directories)
         raise DatasetNotFoundError(
             f"{title} not found: looked for the four IDX files ({', '.join(MNIST_FILES.values())}, "
             f"each optionally .gz) in {looked}, and data.download=false. Fix: set data.download=true "
@@ -216,7 +243,7 @@ def load_cifar10(root: Path, download: bool) -> dict:
         return [n for n in needed if not (folder / n).is_file()]
 
     if missing() and download:
-        _download("CIFAR10", root, "CIFAR-10")
+        _download("CIFAR10", root, "CIFAR-10", str(folder))
     if missing():
         raise DatasetNotFoundError(
             f"CIFAR-10 not found: {folder} lacks {', '.join(missing())}, and data.download=false. Fix: set "
@@ -327,12 +354,20 @@ class BatchStream:
         return {
             "order_generator": self.order_generator.get_state(),
             "augment_generator": self.augment_generator.get_state(),
+            "augment_device": self.augment_generator.device.type,
             "order": None if self.order is None else self.order.cpu(),
             "position": self.position,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue a stream saved on another device too (a run moved between CPU and GPU), unless it
+        augments: a CPU generator's draws cannot continue on a GPU, nor the other way."""
+        here = self.augment_generator.device.type
+        saved = state.get("augment_device", here)  # checkpoints before this key resumed on their own device
+        if saved == here:
+            self.augment_generator.set_state(state["augment_generator"])
+        elif self.augment:
+            raise ValueError(f"its augmentation draws were made on {saved} and cannot continue on {here}")
         self.order_generator.set_state(state["order_generator"])
-        self.augment_generator.set_state(state["augment_generator"])
         self.order = None if state["order"] is None else state["order"].to(self.x.device)
         self.position = state["position"]

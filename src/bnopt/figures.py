@@ -1,10 +1,11 @@
 """The paper's figures, drawn from runs on disk (protocol section 6).
 
 Each figure is a function of the runs it is given: it picks the runs it needs by their config (model,
-normalisation, learning rate), aggregates seeds (mean line, min-max band), marks diverged runs where they
-stopped, and says what is missing instead of failing. ``draw`` turns a figure key into image files, one per
-combination of result sets (a result set is one scale and data set of one model), so that a figure is
-never drawn from runs of mixed settings.
+normalisation, learning rate), aggregates seeds (mean line, min-max band) at the steps they all reached,
+marks diverged runs where they stopped, and says what is missing instead of failing. ``draw`` turns a figure
+key into image files, one per combination of result sets (a result set is one scale and data set of one
+model), so that a figure is never drawn from runs of mixed settings; a figure that found none of the runs
+it looks up is not drawn at all.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bnopt.results import Run, aggregate, group_runs, select  # noqa: E402
+from bnopt.results import Run, aggregate, select  # noqa: E402
 
 COLORS = {"none": "0.35", "batchnorm": "C0", "noisy_batchnorm": "C1", "lp1": "C2", "lp2": "C3", "lpinf": "C4",
           "noisy_none": "C5"}
@@ -33,13 +34,15 @@ PAPER_LR = {"vgg": 0.1, "dln": 1e-6, "mlp": 0.5}
 
 
 class Missing:
-    """Collects what a figure needed and did not find."""
+    """Collects what a figure needed and did not find, and whether it found any run at all."""
 
     def __init__(self):
         self.items: list[str] = []
+        self.found_any = False
 
     def need(self, runs: list[Run], what: str, **conditions) -> list[Run]:
         chosen = select(runs, **conditions)
+        self.found_any = self.found_any or bool(chosen)
         if not chosen:
             keys = ", ".join(f"{key.replace('__', '.')}={value}" for key, value in conditions.items())
             self.items.append(f"{what} ({keys})")
@@ -56,16 +59,17 @@ def variant_label(norm: str, lr: float | None = None) -> str:
 def curve(ax, runs: list[Run], metric: str, color, label: str, layer: int | None = None, style: str = "-",
           log: bool = False) -> None:
     """Mean over seeds with a min-max band; an x where a diverged run stopped."""
-    series = [r.series(metric, layer) for r in runs]
-    series = [s for s in series if len(s)]
-    if not series:
+    # a run that logged none of ``metric`` (one that failed at once) is left out with its series, so that
+    # each diverged run's x marks its own series
+    logged = [(run, s) for run in runs if len(s := run.series(metric, layer))]
+    if not logged:
         return
-    stats = aggregate(series)
+    stats = aggregate([s for _, s in logged], diverged=[run.status == "diverged" for run, _ in logged])
     ax.plot(stats.index, stats["mean"], style, color=color, label=label, lw=1.2)
-    if len(series) > 1:
+    if len(logged) > 1:
         # Arrays, not Series: numpy 1.24.0 (which pyproject.toml admits) fails on a Series in fill_between.
         ax.fill_between(stats.index, stats["min"].values, stats["max"].values, color=color, alpha=0.15, lw=0)
-    for run, s in zip(runs, series):
+    for run, s in logged:
         if run.status == "diverged":
             ax.plot(s.index[-1], s.iloc[-1], "x", color=color, ms=8, mew=2)
     if log:
@@ -117,15 +121,16 @@ def landscape_bands(axes, runs: list[Run], color, label: str) -> None:
     """Loss range and gradient-predictiveness range over the step sizes (mean over seeds of the per-step
     minimum and maximum), and the effective beta."""
     for ax, metric in zip(axes[:2], ("landscape/loss", "landscape/grad_diff")):
-        lows, highs = [], []
+        lows, highs, diverged = [], [], []
         for run in runs:
             rows = run.metrics[run.metrics.name == metric]
             if len(rows):
                 by_step = rows.groupby("step")["value"]
                 lows.append(by_step.min())
                 highs.append(by_step.max())
+                diverged.append(run.status == "diverged")
         if lows:
-            low, high = aggregate(lows)["mean"], aggregate(highs)["mean"]
+            low, high = aggregate(lows, diverged)["mean"], aggregate(highs, diverged)["mean"]
             ax.fill_between(low.index, low.values, high.values, color=color, alpha=0.35, lw=0, label=label)
             for edge in (low, high):  # outlines keep a band visible where it is thinner than a line
                 ax.plot(edge.index, edge.values, color=color, lw=0.6)
@@ -386,15 +391,13 @@ def fig_is1(sets, missing):
 
 
 def fig_lr_sweep(sets, missing):
-    models = [m for m in ("vgg", "dln", "mlp") if sets.get(m)]
-    if not models:
-        missing.items.append("learning-rate sweep runs (+experiment=lr_sweep_vgg, lr_sweep_dln, lr_sweep_mlp)")
-        return None
+    models = list(sets)  # a column for each model that has sweep runs
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
     for j, model in enumerate(models):
         classification = any("train/acc" in run.summary.get("final", {}) for run in sets[model])
-        for norm, runs in group_runs(sets[model], ["norm.name"]).items():
-            norm = norm[0]
+        for norm, runs in by_norm(sets[model], missing, f"{model.upper()} lr sweep", ["batchnorm", "none"]).items():
+            if not runs:
+                continue
             rows = []
             for run in runs:
                 final = run.summary.get("final", {})
@@ -463,32 +466,35 @@ def result_sets(runs: list[Run], model: str, lr_sweep: bool) -> dict[str, list[R
 
 
 def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
-    """Draw figure ``key`` from ``runs`` into ``out_dir`` (PNG and PDF); returns the PNG paths."""
+    """Draw figure ``key`` from ``runs`` into ``out_dir`` (PNG and PDF); returns the PNG paths. A figure
+    that found none of the runs it looks up is named through ``warn`` and not written, so that an existing
+    file of that name is left as it was."""
     spec = FIGURES[key]
     per_model = {m: result_sets(runs, m, spec.lr_sweep) for m in spec.models}
-    if spec.lr_sweep:
-        combos = [{m: (next(iter(s.values())) if s else []) for m, s in per_model.items()}]
-        labels = ["-".join(sorted({k for s in per_model.values() for k in s}))]
-    else:
-        absent = [m for m, s in per_model.items() if not s]
-        if absent:
-            warn(f"fig {key}: no runs of {', '.join(absent)}; skipped")
-            return []
-        combos, labels = [{}], [[]]
-        for model, sets in per_model.items():
+    absent = [m for m, s in per_model.items() if not s]
+    # the learning-rate figure has a column per model and draws those it has; the others need all of theirs
+    if absent and (not spec.lr_sweep or len(absent) == len(per_model)):
+        warn(f"fig {key}: no {'learning-rate sweep ' if spec.lr_sweep else ''}runs of {', '.join(absent)}; skipped")
+        return []
+    combos, labels = [{}], [[]]
+    for model, sets in per_model.items():
+        if sets:
             combos = [{**c, model: rs} for c in combos for rs in sets.values()]
             labels = [[*lab, name] for lab in labels for name in sets]
-        labels = ["+".join(dict.fromkeys(lab)) for lab in labels]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = ["+".join(dict.fromkeys(lab)) for lab in labels]
     written = []
     for sets, label in zip(combos, labels):
         missing = Missing()
         figures = spec.draw(sets, missing)
+        figures = figures if isinstance(figures, list) else [figures]
+        if not missing.found_any:
+            warn(f"fig {key} [{label}]: none of the runs it needs ({'; '.join(missing.items)}); not drawn")
+            for figure in figures:
+                plt.close(figure)
+            continue
         if missing.items:
             warn(f"fig {key} [{label}]: missing {'; '.join(missing.items)}")
-        if figures is None:
-            continue
-        figures = figures if isinstance(figures, list) else [figures]
+        out_dir.mkdir(parents=True, exist_ok=True)
         for i, figure in enumerate(figures):
             suffix = "" if len(figures) == 1 else "_" + "ab"[i]
             stem = f"fig{key}{suffix}" + ("" if len(combos) == 1 else f"_{label}")

@@ -1,21 +1,26 @@
-"""Hydra callbacks registered in ``configs/train.yaml``.
+"""Hydra callbacks; ``configs/train.yaml`` registers the first two for every command.
 
 ``OutputDirCheck``: Hydra creates a run's output directory before the task starts, so a directory that
 cannot be written would end in Hydra's traceback; this checks it first and answers in one line.
 ``SweepIndex``: when a sweep ends, ``index.csv`` in its directory lists every job with its status and final
 metrics (``python scripts/sweep_index.py <dir>`` rebuilds it any time, e.g. after a sweep was killed).
+``RefusedJobs``: lists the jobs whose run directory does not hold their run when they end; the figure
+recipes add it on their command line and stop before drawing when it listed any.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnopt.rundir import OutputDirError, RunDirectory
 from bnopt.sweeps import write_index
+from bnopt.train import NOT_IDENTITY, config_differences
 
 
 def _require_writable(directory: str, key: str) -> None:
@@ -39,3 +44,51 @@ class SweepIndex(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
+
+
+class RefusedJobs(Callback):
+    """Appends ``<run dir>: <why>`` to the file ``record`` for each job of a sweep that ends without its run
+    in its directory: the directory holds a run of another config, or another process is training it. The
+    CLI refuses such a job with one line and the sweep goes on (exit status 0), which suits a sweep of one's
+    own; a figure recipe, though, would then draw the other run. This names what a job's directory holds, not
+    why the job ended: a job that failed (a bad value) in a directory of its own is not listed, its summary
+    says so and the figures name what they could not draw.
+
+    Runs in each job's process (a joblib worker, a submitit job), after the job; add it with
+    ``+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs
+    +hydra.callbacks.refused_jobs.record=<file>``, the file where every job can write (a shared file system
+    on a cluster). A run that another process has claimed but not yet started (it is still loading its
+    data, so its summary does not say ``running``) is not noticed."""
+
+    def __init__(self, record: str):
+        self.record = record
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        run = RunDirectory(Path(config.hydra.runtime.output_dir))
+        why = why_not_this_jobs_run(run, job_config(config))
+        if why:
+            with open(self.record, "a") as f:
+                f.write(f"{run.path}: {why}\n")
+
+
+def job_config(config: DictConfig) -> dict:
+    """The resolved config the job's task got: Hydra's job config without its ``hydra`` node."""
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return OmegaConf.to_container(task, resolve=True)
+
+
+def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
+    """Why ``run`` does not hold the run of ``config`` now that its job has ended, or None when it does.
+    Every command that trains a run writes its ``config.yaml`` (one that finds the run finished has its
+    identity), so one of another identity means this command was refused; ``running`` in the summary of a
+    run whose job has ended is another process's."""
+    if run.config.is_file():
+        differences = [d for d in config_differences(OmegaConf.to_container(OmegaConf.load(run.config)), config)
+                       if d.split(":")[0] not in NOT_IDENTITY]
+        if differences:
+            return f"holds a run of another config ({', '.join(differences[:3])})"
+    if (run.read_summary() or {}).get("status") == "running":
+        return "another process is training it"
+    return None

@@ -196,9 +196,21 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def aggregate(series: list[pd.Series]) -> pd.DataFrame:
-    """Mean, min and max over seeds at the steps all runs share (a diverged run stops contributing
-    where it ended)."""
+def aggregate(series: list[pd.Series], diverged: Iterable[bool] = ()) -> pd.DataFrame:
+    """Mean, min and max over seeds, and ``n``, how many runs each step's values are over.
+
+    The steps are those all runs share, so that a run still training, interrupted or failed shortens the
+    curve instead of silently dropping out of the mean part-way. The exception is a run flagged in
+    ``diverged`` (one flag per series; none by default): it has ended for good, so it counts up to the step
+    where it stopped and the others go on without it (``n`` falls there); the steps are then those the runs
+    that did not diverge share, or, when all diverged, every step any of them reached."""
+    diverged = list(diverged) or [False] * len(series)
     frame = pd.concat(series, axis=1)
+    not_diverged = [s.index for s, stopped in zip(series, diverged, strict=True) if not stopped]
+    if not_diverged:
+        shared = not_diverged[0]
+        for steps in not_diverged[1:]:
+            shared = shared.intersection(steps)
+        frame = frame[frame.index.isin(shared)]
     return pd.DataFrame({"mean": frame.mean(axis=1), "min": frame.min(axis=1), "max": frame.max(axis=1),
                          "n": frame.count(axis=1)})

@@ -53,17 +53,23 @@ class MetricsWriter:
 
     def __init__(self, path: Path, keep_before_step: int | None = None):
         self.path = path
+        self.last: dict[str, float] = {}  # latest train/* and test/* values, for the summary
         if keep_before_step is not None and path.exists():
-            _truncate_metrics(path, keep_before_step)
+            # A resumed run's summary must end with the same values as if it had never stopped, also when
+            # no train/* row falls between the checkpoint and the end.
+            for row in _truncate_metrics(path, keep_before_step):
+                self._remember(row[1], float(row[2]))
         else:
             path.write_text(METRICS_HEADER + "\n")
         self._file = open(path, "a", buffering=1)  # line-buffered: every row reaches the OS at once
-        self.last: dict[str, float] = {}  # latest train/* and test/* values, for the summary
 
     def log(self, step: int, name: str, value: float, layer: int | None = None, eta: float | None = None) -> None:
         layer_text = "" if layer is None else str(int(layer))
         eta_text = "" if eta is None else _number(eta)
         self._file.write(f"{int(step)},{name},{_number(value)},{layer_text},{eta_text}\n")
+        self._remember(name, value)
+
+    def _remember(self, name: str, value: float) -> None:
         if name.startswith(("train/", "test/")):
             self.last[name] = float(value)
 
@@ -71,14 +77,15 @@ class MetricsWriter:
         self._file.close()
 
 
-def _truncate_metrics(path: Path, keep_before_step: int) -> None:
-    lines = path.read_text().splitlines()
-    kept = [METRICS_HEADER]
-    for line in lines[1:]:
+def _truncate_metrics(path: Path, keep_before_step: int) -> list[list[str]]:
+    """Keep the rows of steps before ``keep_before_step``; return them, split into fields."""
+    kept = []
+    for line in path.read_text().splitlines()[1:]:
         fields = line.split(",")
         if len(fields) == 5 and fields[0].isdigit() and int(fields[0]) < keep_before_step:
-            kept.append(line)
-    _atomic_write_text(path, "\n".join(kept) + "\n")
+            kept.append(fields)
+    _atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
+    return kept
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

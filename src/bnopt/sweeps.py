@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
@@ -75,17 +76,28 @@ def limit_threads(threads: int) -> None:
 
 
 def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
-    """Job number and overrides of the command whose results ``run_dir`` holds: from its summary, else
-    from Hydra's ``.hydra/hydra.yaml`` (a job killed before it wrote a summary). Hydra rewrites the latter
-    for every command started in the directory, also one that is then refused (another config)."""
+    """Job number and overrides of the command that trained the run in ``run_dir``: from its summary; else (a
+    summary from before it recorded them, or a job killed before it wrote one) from Hydra's ``.hydra/``, but
+    only if that command asked for the run's own config. Hydra rewrites ``.hydra/`` for every command
+    started in the directory, also one refused (another config) or one of another experiment that found the
+    run finished; the command that trained the run is then not known, and both are left empty."""
     job = (summary or {}).get("job")
     if isinstance(job, dict):
         return ("" if job.get("num") is None else str(job["num"])), " ".join(job.get("overrides") or ())
     try:
         hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        if _config(run_dir / ".hydra" / "config.yaml") != _config(run_dir / "config.yaml"):
+            return "", ""
         return str(hydra["job"].get("num", "")), " ".join(hydra["overrides"]["task"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
+    except (OSError, KeyError, TypeError, yaml.YAMLError, OmegaConfBaseException):
         return "", ""
+
+
+def _config(path: Path) -> dict:
+    """The resolved config in ``path`` without the keys that may change between the commands of one run: the
+    thread count and device (a job requeued elsewhere). Its ``name`` stays: it tells the experiment apart."""
+    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return {key: value for key, value in config.items() if key not in ("threads", "device")}
 
 
 def index_rows(sweep_dir: Path, warn=print) -> list[dict]:

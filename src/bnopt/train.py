@@ -84,6 +84,10 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     """:func:`train`, once this process holds the run directory."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = load_checkpoint(run, resolved)
+    if checkpoint is None and finished_without_checkpoint(run, resolved):
+        summary = run.read_summary()
+        print(f"{run.path}: already {summary['status']} at step {summary.get('steps')}; not re-running")
+        return summary
     if checkpoint is not None and checkpoint["status"] in FINISHED:
         print(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
         return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
@@ -109,7 +113,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     log = metrics.log
     probes = build_probes(resolved["probes"], model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
     if checkpoint is not None:
-        restore_state(checkpoint, model, optimizer, schedule, batches, device)
+        restore_state(checkpoint, model, optimizer, schedule, batches, device, run.checkpoint)
         for probe in probes:
             probe.restore(run.path, start)
     noisy_layers = [m for m in model.modules() if isinstance(m, NoisyNorm)]
@@ -133,7 +137,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     log_every, eval_every = cfg.train.log_every, cfg.train.eval_every
     checkpoint_every, eval_batch_size = cfg.train.checkpoint_every, cfg.train.eval_batch_size
     # Checking the loss for NaN/inf reads it back to the host: every step on the CPU (free), at logging
-    # steps on a GPU (no sync per step; a divergence is then reported at the next logging step).
+    # steps and the last step on a GPU (no sync per step; a divergence is then reported at the next of them).
     check_every = 1 if device.type == "cpu" else log_every
     status, step = "completed", start
     loop_seconds = None
@@ -160,7 +164,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
                     probe.before_forward(step)  # hook point 1: e.g. arm the activation hooks
                 outputs = forward(inputs)
                 loss = data.loss_fn(outputs, targets)
-                if step % check_every == 0 and not math.isfinite(loss.item()):
+                if (step % check_every == 0 or step == steps - 1) and not math.isfinite(loss.item()):
                     status = "diverged"
                     break
 
@@ -274,12 +278,33 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
         raise ResumeError(f"{run.checkpoint} cannot be read ({type(err).__name__}: {reason}); it is corrupt or "
                           "not a bnopt checkpoint. Move it away to start this run afresh, or choose another "
                           "output directory") from None
-    differences = [d for d in config_differences(state["config"], resolved) if d.split(":")[0] not in NOT_IDENTITY]
+    refuse_another_config(run.checkpoint, state["config"], resolved)
+    return state
+
+
+def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:
+    """Whether ``run`` holds this config's run, finished, without its checkpoint: the committed results are
+    kept without them, and a user may delete them to save space. Its summary says it finished and its
+    ``config.yaml`` whose run it is; a finished run of another config is refused, as its checkpoint would be."""
+    summary = run.read_summary()
+    if summary is None or summary.get("status") not in FINISHED or not run.config.exists():
+        return False  # nothing finished here: a run killed before its first checkpoint starts afresh
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(run.config))
+    except Exception as err:
+        raise ResumeError(f"{run.config} of a finished run cannot be read ({type(err).__name__}); refusing to "
+                          "overwrite its results. Move the run away, or choose another output directory") from None
+    refuse_another_config(run.config, config, resolved)
+    return True
+
+
+def refuse_another_config(source: Path, config: dict, resolved: dict) -> None:
+    """Raise :class:`AnotherConfigError` if ``config`` (read from ``source``) is another run's than ``resolved``."""
+    differences = [d for d in config_differences(config, resolved) if d.split(":")[0] not in NOT_IDENTITY]
     if differences:
         diffs = ", ".join(differences[:5])
-        raise AnotherConfigError(f"{run.checkpoint} belongs to a run with another config ({diffs}); refusing "
+        raise AnotherConfigError(f"{source} belongs to a run with another config ({diffs}); refusing "
                                  "to overwrite its results. Choose another output directory")
-    return state
 
 
 def config_differences(a, b, prefix: str = "") -> list[str]:
@@ -292,12 +317,15 @@ def config_differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
-def restore_state(state, model, optimizer, schedule, batches, device) -> None:
+def restore_state(state, model, optimizer, schedule, batches, device, source: Path) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if schedule is not None:
         schedule.load_state_dict(state["schedule"])
-    batches.load_state_dict(state["batches"])
+    try:
+        batches.load_state_dict(state["batches"])
+    except ValueError as err:
+        raise ResumeError(f"{source}: {err}. Resume it there, or choose another output directory") from None
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
