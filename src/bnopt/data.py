@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bnopt.seeding import derived_seed
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -256,8 +258,10 @@ def load_cifar10(root: Path, download: bool) -> dict:
 
 
 def gaussian_regression(n_samples: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Protocol section 2: x ~ N(0, I_dim), A with i.i.d. N(0, 1) entries, y = A x; fixed by ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
+    """Protocol section 2: x ~ N(0, I_dim), A with i.i.d. N(0, 1) entries, y = A x; fixed by ``seed``. Drawn
+    from a stream derived from the seed: the global stream seeded with the run seed initialises the model,
+    and the same stream here would build inputs out of the very numbers behind the initial weights."""
+    gen = torch.Generator().manual_seed(derived_seed("gaussian_regression", seed))
     a = torch.randn(dim, dim, generator=gen)
     x = torch.randn(n_samples, dim, generator=gen)
     return x, x @ a.T
