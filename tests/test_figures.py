@@ -131,6 +131,16 @@ def test_a_figure_that_found_none_of_its_runs_is_not_written(results, tmp_path):
     assert drawn_before.read_bytes() == b"a good figure" and not (tmp_path / "fig8.pdf").exists()
 
 
+def test_an_image_of_a_two_image_figure_that_found_none_of_its_runs_is_not_written(results, tmp_path):
+    """Fig. 3 draws the VGG and the DLN as two images from one lookup: with its VGG runs and only DLN runs it
+    does not use (Lp norms), the VGG image is drawn and the DLN image, which would be empty, is not."""
+    runs = load_runs([results / "cpu-fashion_mnist", str(results / "paper-gaussian_regression" / "dln" / "dln-lp*")])
+    messages = []
+    assert draw("3", runs, tmp_path, warn=messages.append) == [tmp_path / "fig3_a.png"]
+    assert messages[-1] == "fig 3_b [cpu-fashion_mnist+cpu-gaussian_regression]: no panel has data; not drawn"
+    assert not (tmp_path / "fig3_b.pdf").exists()
+
+
 def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tmp_path):
     run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
     clean_ax, with_nan_ax = plt.figure().gca(), plt.figure().gca()

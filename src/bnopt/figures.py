@@ -467,8 +467,8 @@ def result_sets(runs: list[Run], model: str, lr_sweep: bool) -> dict[str, list[R
 
 def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
     """Draw figure ``key`` from ``runs`` into ``out_dir`` (PNG and PDF); returns the PNG paths. A figure
-    that found none of the runs it looks up is named through ``warn`` and not written, so that an existing
-    file of that name is left as it was."""
+    that found none of the runs it looks up, or an image of it with no data in any panel, is named through
+    ``warn`` and not written, so that an existing file of that name is left as it was."""
     spec = FIGURES[key]
     per_model = {m: result_sets(runs, m, spec.lr_sweep) for m in spec.models}
     absent = [m for m, s in per_model.items() if not s]
@@ -498,6 +498,10 @@ def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
         for i, figure in enumerate(figures):
             suffix = "" if len(figures) == 1 else "_" + "ab"[i]
             stem = f"fig{key}{suffix}" + ("" if len(combos) == 1 else f"_{label}")
+            if not any(ax.has_data() for ax in figure.axes):  # one image of several found none of its runs
+                warn(f"fig {key}{suffix} [{label}]: no panel has data; not drawn")
+                plt.close(figure)
+                continue
             for ext in ("png", "pdf"):
                 figure.savefig(out_dir / f"{stem}.{ext}", dpi=110)
             written.append(out_dir / f"{stem}.png")
