@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnopt.rundir import OutputDirError, RunDirectory
 from bnopt.sweeps import write_index
-from bnopt.train import NOT_IDENTITY, config_differences
+from bnopt.train import identity_differences
 
 
 def _require_writable(directory: str, key: str) -> None:
@@ -85,8 +85,7 @@ def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
     identity), so one of another identity means this command was refused; ``running`` in the summary of a
     run whose job has ended is another process's."""
     if run.config.is_file():
-        differences = [d for d in config_differences(OmegaConf.to_container(OmegaConf.load(run.config)), config)
-                       if d.split(":")[0] not in NOT_IDENTITY]
+        differences = identity_differences(run.read_config(), config)
         if differences:
             return f"holds a run of another config ({', '.join(differences[:3])})"
     if (run.read_summary() or {}).get("status") == "running":

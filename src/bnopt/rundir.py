@@ -151,6 +151,10 @@ class RunDirectory:
     def write_config(self, cfg: DictConfig) -> None:
         _atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
 
+    def read_config(self) -> dict:
+        """``config.yaml`` as a plain dict (it is written resolved)."""
+        return OmegaConf.to_container(OmegaConf.load(self.config))
+
     def write_summary(self, summary: dict) -> None:
         _atomic_write_text(self.summary, json.dumps(_json_safe(summary), indent=2) + "\n")
 

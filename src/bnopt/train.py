@@ -290,7 +290,7 @@ def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:
     if summary is None or summary.get("status") not in FINISHED or not run.config.exists():
         return False  # nothing finished here: a run killed before its first checkpoint starts afresh
     try:
-        config = OmegaConf.to_container(OmegaConf.load(run.config))
+        config = run.read_config()
     except Exception as err:
         raise ResumeError(f"{run.config} of a finished run cannot be read ({type(err).__name__}); refusing to "
                           "overwrite its results. Move the run away, or choose another output directory") from None
@@ -300,11 +300,16 @@ def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:
 
 def refuse_another_config(source: Path, config: dict, resolved: dict) -> None:
     """Raise :class:`AnotherConfigError` if ``config`` (read from ``source``) is another run's than ``resolved``."""
-    differences = [d for d in config_differences(config, resolved) if d.split(":")[0] not in NOT_IDENTITY]
+    differences = identity_differences(config, resolved)
     if differences:
         diffs = ", ".join(differences[:5])
         raise AnotherConfigError(f"{source} belongs to a run with another config ({diffs}); refusing "
                                  "to overwrite its results. Choose another output directory")
+
+
+def identity_differences(a: dict, b: dict) -> list[str]:
+    """``key: old -> new`` for every leaf where two plain configs differ as runs (``NOT_IDENTITY`` left out)."""
+    return [d for d in config_differences(a, b) if d.split(":")[0] not in NOT_IDENTITY]
 
 
 def config_differences(a, b, prefix: str = "") -> list[str]:
