@@ -81,8 +81,8 @@ def snapshot(model, optimizer) -> dict:
 
 def assert_same(before, after):
     for key in ("params", "buffers"):
-        assert all(torch.equal(x, y) for x, y in zip(before[key], after[key])), key
-    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(before["grads"], after["grads"]))
+        assert all(torch.equal(x, y) for x, y in zip(before[key], after[key], strict=True)), key
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(before["grads"], after["grads"], strict=True))
     assert before["state"].keys() == after["state"].keys()
     for i in before["state"]:
         assert before["state"][i].keys() == after["state"][i].keys()

@@ -103,6 +103,16 @@ def test_every_figure_draws_from_a_results_directory(all_runs, tmp_path, key):
     assert not [m for m in messages if "missing" in m], messages
 
 
+def test_a_redrawn_figure_is_the_same_file(all_runs, tmp_path):
+    """A recipe that finds its runs finished redraws the committed figures: byte for byte the same, so git
+    shows no change (a PDF would otherwise carry the time it was drawn)."""
+    (first,) = draw("2", all_runs, tmp_path / "a")
+    (second,) = draw("2", all_runs, tmp_path / "b")
+    for suffix in (".png", ".pdf"):
+        assert first.with_suffix(suffix).read_bytes() == second.with_suffix(suffix).read_bytes()
+    assert b"/CreationDate" not in first.with_suffix(".pdf").read_bytes()
+
+
 def test_missing_runs_are_named_and_the_rest_is_drawn(all_runs, tmp_path):
     runs = [r for r in all_runs if not (r.get("model.name") == "vgg" and r.get("norm.name") == "none")]
     messages = []

@@ -1,16 +1,18 @@
 """probe_landscape against the closed form on a quadratic, and both probes as pure observations."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from bnopt.norms import set_noise_step
-from bnopt.probes import ics_gradients, measure_ics, probe_landscape
+from bnopt.probes import ics_gradients, measure_ics, probe_landscape, random_state
 from bnopt.probes.landscape import vmap_pays
-from bnopt.probes.loop import LandscapeProbe
+from bnopt.probes.loop import ICSProbe, LandscapeProbe
 from conftest import assert_same, snapshot
 from test_ics import assert_bit_for_bit, brute_force_ics, small_problem
 
@@ -86,6 +88,28 @@ def test_gradients_that_autograd_shares_or_broadcasts(batched):
         assert loss == pytest.approx(c * (start - eta * c * n_weights), rel=1e-12)  # every weight moves by eta c
 
 
+class Quartic(nn.Module):
+    """L(w) = w^4 / 4 for one weight: gradient w^3, so the ratios beta maximises differ between step sizes."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w], dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.pow(4).sum() / 4
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_beta_is_the_largest_ratio_over_the_step_sizes(batched):
+    """At w = 1 (g = 1): grad L(1 - eta) = (1 - eta)^3, so the ratio |g - grad L(1 - eta)| / eta is 2.71 at
+    eta = 0.1 and 1.75 at eta = 0.5; beta is the larger, wherever it sits in the list."""
+    for etas in ([0.1, 0.5], [0.5, 0.1]):
+        land = probe_landscape(Quartic(1.0), loss_is_output, BATCH, etas, batched=batched)
+        assert land["loss"] == pytest.approx([(1 - eta) ** 4 / 4 for eta in etas], rel=1e-12)
+        assert land["grad_diff"] == pytest.approx([1 - (1 - eta) ** 3 for eta in etas], rel=1e-12)
+        assert land["beta"] == pytest.approx(2.71, rel=1e-12)
+
+
 def test_beta_is_the_rayleigh_quotient_when_the_gradient_is_an_eigenvector():
     """In general beta = ||A g|| / ||g||; along an eigenvector it is the Rayleigh quotient g^T A g / g^T g."""
     a, _, q, eigenvalues = quadratic()
@@ -155,6 +179,8 @@ def test_bad_arguments_are_refused():
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1, -1.0])
     with pytest.raises(ValueError, match="one tensor per trainable parameter"):
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
+    with pytest.raises(ValueError, match="one tensor per trainable parameter"):  # a state dict's keys are names
+        probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction={"w": torch.zeros_like(w)})
     frozen = Quadratic(a, w).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         probe_landscape(frozen, loss_is_output, BATCH, [0.1])
@@ -256,6 +282,105 @@ def test_probes_measure_in_full_fp32_with_deterministic_cudnn_and_put_the_flags_
         matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = saved
 
 
+def test_probes_measure_in_full_fp32_under_a_lower_matmul_precision_and_put_it_back():
+    """Under ``set_float32_matmul_precision("medium")`` a CPU with AMX multiplies float32 in bf16 (and a GPU
+    in TF32): the probes measure as under "highest", and leave "medium" set and readable (newer torch
+    cannot report a precision set through the legacy flag after the new API)."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    exact = (measure_ics(model, loss_fn, batch, optimizer, model.layer_params()),
+             probe_landscape(model, loss_fn, batch, [0.1, 0.2]))
+    try:
+        torch.set_float32_matmul_precision("medium")
+        lowered = (measure_ics(model, loss_fn, batch, optimizer, model.layer_params()),
+                   probe_landscape(model, loss_fn, batch, [0.1, 0.2]))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert lowered == exact
+
+
+def test_the_simulated_step_runs_no_step_hooks_and_leaves_the_schedulers_record():
+    """Step hooks may keep state (an average of the weights): the optimiser's and the global ones do not
+    run inside measure_ics, and run again at the real step."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)  # wraps step() to note that it was called
+    calls = []
+    handles = [optimizer.register_step_pre_hook(lambda *_: calls.append("pre")),
+               optimizer.register_step_post_hook(lambda *_: calls.append("post")),
+               register_optimizer_step_pre_hook(lambda *_: calls.append("global pre")),
+               register_optimizer_step_post_hook(lambda *_: calls.append("global post"))]
+    try:
+        called = vars(optimizer).get("_opt_called", "absent")
+        measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+        assert calls == [] and vars(optimizer).get("_opt_called", "absent") == called
+        loss_fn(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+        assert sorted(calls) == ["global post", "global pre", "post", "pre"]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_instance_norms_running_statistics_are_left_alone(eval_mode):
+    """Instance norm updates its running statistics whatever ``track_running_stats`` says: they are put
+    back, and ICS is still the brute force's bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
+    layers_of = lambda m: [list(m[k].parameters()) for k in (0, 1, 4)]  # noqa: E731
+    batch = (torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    loss_fn = nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    optimizer.step()  # running statistics and momentum buffers hold something
+    model.train(not eval_mode)
+    before = snapshot(model, optimizer)
+    fast = ics_gradients(model, loss_fn, batch, optimizer, layers_of(model))
+    probe_landscape(model, loss_fn, batch, [0.1, 0.2])
+    assert_same(before, snapshot(model, optimizer))
+    assert_bit_for_bit(fast, brute_force_ics(model, loss_fn, batch, optimizer, layers_of=layers_of))
+
+
+def test_a_parameter_without_gradient_stays_where_the_real_step_leaves_it():
+    """A parameter the loss reaches only through ``.detach()`` has no gradient, and the real step skips it
+    (momentum and all); the simulated step must too, or G' would come from weights the step never gives."""
+
+    class DetachedScale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.scale.detach()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), DetachedScale(), nn.Tanh(), nn.Linear(8, 3)).double()
+    layers = [list(model[0].parameters()) + [model[1].scale], list(model[3].parameters())]
+    batch = (torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    loss_fn = nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model[1].scale.grad = torch.ones(8, dtype=torch.float64)
+    optimizer.step()  # a momentum buffer for the scale
+    # By hand: the real step after backward, on copies.
+    real_model, real_optimizer = copy.deepcopy((model, optimizer))
+    real_optimizer.zero_grad(set_to_none=True)
+    loss_fn(real_model(batch[0]), batch[1]).backward()
+    real_optimizer.step()
+    shifted = copy.deepcopy(model)
+    shifted[0].load_state_dict(real_model[0].state_dict())
+    shifted[1].load_state_dict(real_model[1].state_dict())
+    expected = torch.autograd.grad(loss_fn(shifted(batch[0]), batch[1]), list(shifted[3].parameters()))
+    for use_grad_fields in (False, True):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(batch[0]), batch[1]).backward()
+        (_, g_shifted), = ics_gradients(model, loss_fn, batch, optimizer, layers, which=[1],
+                                        use_grad_fields=use_grad_fields).values()
+        assert all(torch.equal(a, b) for a, b in zip(g_shifted, expected, strict=True))
+
+
 def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():
     """An evaluation loop's torch.no_grad() must not change the answer; inference mode, which nothing can
     lift, is refused with the reason rather than autograd's "does not require grad"."""
@@ -288,6 +413,47 @@ def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
     assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]  # same dropout mask at w and at w - tiny step
 
 
+class DropoutChain(nn.Sequential):
+    """Linear, dropout, ReLU, linear: a model drawing from torch's global generator, with its layers."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3))
+
+    def layer_params(self) -> list[list[nn.Parameter]]:
+        return [list(self[0].parameters()), list(self[3].parameters())]
+
+
+def test_probes_reading_grad_fields_replay_the_random_state_of_the_training_pass():
+    """``.grad`` comes from the training pass's dropout masks: with the random state taken before that pass,
+    G' with nothing moved is G, and a tiny step changes the gradient by almost nothing — through the
+    library and the loop's probes, which take that state in ``before_forward``."""
+    model = DropoutChain()
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    optimizer = torch.optim.SGD([{"params": model.layer_params()[0], "lr": 0.0},
+                                 {"params": model.layer_params()[1], "lr": 0.1}])
+    rows = []
+    ics = ICSProbe(model, loss_fn, optimizer, lambda step, name, value, **key: rows.append((name, value)), [2], 1)
+    landscape = LandscapeProbe(model, loss_fn, lambda step, name, value, **key: rows.append((name, value)),
+                               [1e-12], 1, "gradient", seed=0, batched=False)
+    torch.manual_seed(5)
+    state = random_state(model)
+    for probe in (ics, landscape):
+        probe.before_forward(0)
+    loss_fn(model(batch[0]), batch[1]).backward()  # the training pass: its dropout masks are behind .grad
+    (result,) = measure_ics(model, loss_fn, batch, optimizer, model.layer_params(), which=[1],
+                            use_grad_fields=True, rng_state=state)
+    land = probe_landscape(model, loss_fn, batch, [1e-12], use_grad_fields=True, rng_state=state)
+    assert result["l2"] == 0.0
+    assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]
+    for probe in (ics, landscape):
+        probe.after_backward(0, batch)
+    logged = dict(rows)
+    assert logged["ics/l2"] == 0.0
+    assert logged["landscape/grad_diff"] < 1e-6 * logged["landscape/grad_norm"]
+
+
 class CountingScale(nn.Module):
     """Scales by 1 + calls / 10, where ``calls`` counts its forward passes: module state that a pass changes,
     in place, through ``.data`` (unseen by version counters) or by reassigning the buffer."""
@@ -316,13 +482,20 @@ def stateful_model(kind: str) -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), middle, nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def test_auto_batches_convolution_free_models_on_cpu_unless_a_pass_may_change_buffers():
-    assert vmap_pays(small_problem("mlp", "batchnorm", noise=True)[0])  # noise drawn alike at every eta
-    assert vmap_pays(small_problem("dln", "batchnorm")[0])
-    assert not vmap_pays(small_problem("vgg", "batchnorm")[0])
-    assert not vmap_pays(stateful_model("spectral norm"))
-    # off the CPU, where nothing was measured, the loop (on any device: the meta device stands in for a GPU)
-    assert not vmap_pays(small_problem("dln", "batchnorm")[0].to("meta"))
+def test_auto_batches_convolution_free_models_on_cpu_with_threads_unless_a_pass_may_change_buffers():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert vmap_pays(small_problem("mlp", "batchnorm", noise=True)[0])  # noise drawn alike at every eta
+        assert vmap_pays(small_problem("dln", "batchnorm")[0])
+        assert not vmap_pays(small_problem("vgg", "batchnorm")[0])
+        assert not vmap_pays(stateful_model("spectral norm"))
+        # off the CPU, where nothing was measured, the loop (on any device: the meta device stands in for a GPU)
+        assert not vmap_pays(small_problem("dln", "batchnorm")[0].to("meta"))
+        torch.set_num_threads(1)  # as the recipes' jobs run, where vmap measured slower for every model
+        assert not vmap_pays(small_problem("dln", "batchnorm")[0])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["counter in place", "counter through .data", "counter reassigned", "spectral norm"])
@@ -372,7 +545,7 @@ def test_grad_fields_give_the_same_answer_as_computing_the_gradient():
     assert probe_landscape(model, loss_fn, batch, [0.1, 0.2]) == probe_landscape(
         model, loss_fn, batch, [0.1, 0.2], use_grad_fields=True)
     model.zero_grad(set_to_none=True)
-    with pytest.raises(ValueError, match="no .grad"):
+    with pytest.raises(ValueError, match="no parameter has a .grad"):
         probe_landscape(model, loss_fn, batch, [0.1], use_grad_fields=True)
 
 

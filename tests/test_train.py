@@ -1,6 +1,7 @@
 """End-to-end runs at scale=smoke: the results contract, repeatability, probes as observations,
 divergence as a result, the experiments' overrides, and the real loaders through the whole loop."""
 
+import copy
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ import yaml
 from bnopt.build import build_model
 from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
+from bnopt.probes import measure_ics
 from bnopt.rundir import MetricsWriter, RunDirectory
 from bnopt.seeding import seed_everything
 from bnopt.train import AnotherConfigError
@@ -65,23 +67,26 @@ def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(
 
 
 @pytest.mark.parametrize("finished_before", [False, True], ids=["trains", "already completed"])
-def test_a_run_leaves_the_process_thread_count_and_tf32_switches_as_it_found_them(tmp_path, finished_before):
+def test_a_run_leaves_the_process_thread_count_and_float32_settings_as_it_found_them(tmp_path, finished_before):
     """They are the process's: a notebook (or this test suite) that trains another run after one with
-    threads=1 must not train, and compare, it on one thread."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    threads=1 must not train, and compare, it on one thread; and a matmul precision set there stays set,
+    and readable (newer torch cannot report one restored through the legacy TF32 flag)."""
+    cudnn = torch.backends.cudnn
     args = ("+experiment=dln_bn", "scale=smoke", "probes=none", "train.tf32=true")
     if finished_before:
         train_run(tmp_path, *args)
-    saved = torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32
+    saved = torch.get_num_threads(), torch.get_float32_matmul_precision(), cudnn.allow_tf32
     try:
         torch.set_num_threads(2)
-        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("medium")
+        cudnn.allow_tf32 = False
         summary = train_run(tmp_path, *args, "threads=1")
         assert summary["status"] == "completed" and (summary["threads"] == 1 or finished_before)
-        assert (torch.get_num_threads(), matmul.allow_tf32, cudnn.allow_tf32) == (2, False, False)
+        assert (torch.get_num_threads(), torch.get_float32_matmul_precision(), cudnn.allow_tf32) == (2, "medium", False)
     finally:
         torch.set_num_threads(saved[0])
-        matmul.allow_tf32, cudnn.allow_tf32 = saved[1:]
+        torch.set_float32_matmul_precision(saved[1])
+        cudnn.allow_tf32 = saved[2]
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, cifar_root):
@@ -114,7 +119,45 @@ def test_probes_leave_the_training_trajectory_unchanged(tmp_path, cifar_root, mn
     off = torch.load(tmp_path / "off/checkpoint.pt", weights_only=True)
     on = torch.load(tmp_path / "on/checkpoint.pt", weights_only=True)
     assert all(torch.equal(off["model"][k], on["model"][k]) for k in off["model"])  # running statistics too
+    # and the global random streams, which a model with dropout would train on: no probe draws from them
+    assert torch.equal(off["rng"]["torch"], on["rng"]["torch"])
+    assert torch.equal(off["rng"]["numpy"][1], on["rng"]["numpy"][1]) and off["rng"]["python"] == on["rng"]["python"]
     assert (tmp_path / "on/activations.npz").exists()
+
+
+def test_probes_measure_their_steps_weights_and_batch_before_the_update(tmp_path):
+    """The rows of step t describe W(t) on batch t, measured between backward and step: the landscape's
+    losses are L(W(t) - eta g(t)) computed by hand, and ICS is that of W(t), along the same SGD on the same
+    batches outside the loop. (A probe run after the update would measure W(t+1).)"""
+    overrides = ("+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]", "scale.dln.probe_every=1",
+                 "train.steps=3", "model.paper.ics_layers=[2,5]")
+    train_run(tmp_path, *overrides)
+    logged = pd.read_csv(tmp_path / "metrics.csv")
+    cfg = compose_config(*overrides)
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
+    model = build_model(cfg, data).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
+    batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed)
+    etas = list(cfg.probes.landscape.etas)
+    for step in range(cfg.train.steps):
+        x, y = batches.next()
+        optimizer.zero_grad(set_to_none=True)
+        data.loss_fn(model(x), y).backward()  # the training forward (statistics move) and backward
+        # G as the loop takes it, from .grad: ||G - G'|| cancels most digits, so G must be the same bits
+        ics = measure_ics(model, data.loss_fn, (x, y), optimizer, model.layer_params(), which=[1, 4],
+                          use_grad_fields=True)
+        losses = []
+        for eta in etas:
+            moved = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, at_w in zip(moved.parameters(), model.parameters()):
+                    p.sub_(eta * at_w.grad)
+                losses.append(float(data.loss_fn(moved(x), y)))
+        at_step = logged[logged.step == step]
+        assert at_step[at_step.name == "landscape/loss"].value.tolist() == pytest.approx(losses, rel=1e-5)
+        assert at_step[at_step.name == "ics/l2"].value.tolist() == pytest.approx([r["l2"] for r in ics], rel=1e-9)
+        optimizer.step()
 
 
 def test_experiment_overrides_keep_the_experiments_other_settings(tmp_path, cifar_root):

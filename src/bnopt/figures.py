@@ -502,8 +502,9 @@ def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
                 warn(f"fig {key}{suffix} [{label}]: no panel has data; not drawn")
                 plt.close(figure)
                 continue
-            for ext in ("png", "pdf"):
-                figure.savefig(out_dir / f"{stem}.{ext}", dpi=110)
+            figure.savefig(out_dir / f"{stem}.png", dpi=110)
+            # Without its creation date, a PDF redrawn from the same runs is the same file, as the PNG is.
+            figure.savefig(out_dir / f"{stem}.pdf", dpi=110, metadata={"CreationDate": None})
             written.append(out_dir / f"{stem}.png")
             plt.close(figure)
     return written

@@ -33,6 +33,7 @@ from bnopt.config import check_against_run, check_config
 from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm
 from bnopt.probes import build_probes
+from bnopt.probes.observation import float32_settings_restored
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
@@ -69,15 +70,15 @@ def process_settings(threads: int | None, tf32: bool):
     """torch's thread count and TF32 switches for one run, put back afterwards: they belong to the process,
     and one that trains several runs (a notebook, the tests) would otherwise run the next one, and compare
     it, under the previous run's settings."""
-    saved = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
-        yield
+        with float32_settings_restored():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            yield
     finally:
-        torch.set_num_threads(saved[0])
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
+        torch.set_num_threads(saved_threads)
 
 
 def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:

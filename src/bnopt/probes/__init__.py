@@ -9,11 +9,13 @@ from bnopt.probes.activations import ActivationRecorder
 from bnopt.probes.ics import ics_gradients, measure_ics
 from bnopt.probes.landscape import probe_landscape
 from bnopt.probes.loop import PROBES, ActivationProbe, ICSProbe, LandscapeProbe, Probe, build_probes
+from bnopt.probes.observation import random_state
 
 __all__ = [
     "measure_ics",
     "ics_gradients",
     "probe_landscape",
+    "random_state",
     "ActivationRecorder",
     "Probe",
     "ICSProbe",

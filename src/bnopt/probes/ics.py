@@ -29,8 +29,8 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    current_gradient, loss_at, observation, optimizer_parameters, parameters_at, per_tensor_norms,
-    simulate_optimizer_step,
+    RandomState, current_gradient, loss_at, observation, optimizer_parameters, parameters_at, per_tensor_norms,
+    simulate_optimizer_step, zeros_where_missing,
 )
 
 
@@ -43,19 +43,25 @@ def measure_ics(
     which: Iterable[int] | None = None,
     *,
     use_grad_fields: bool = False,
+    rng_state: RandomState | None = None,
 ) -> list[dict]:
-    """ICS (Definition 2.1) of each layer in ``which`` (0-based indices into ``layers``; default all).
+    """ICS (Definition 2.1) of each layer in ``which`` (0-based indices into ``layers``; default all; in
+    ascending order, each once).
 
     ``layers`` is the model's parameters grouped by layer, in forward order. ``loss_fn(model(inputs),
     targets)`` is the scalar training loss. The optimiser is stepped for real to obtain W(t+1), then put
-    back. With ``use_grad_fields=True`` the current gradient is read from ``.grad`` (as left by
-    ``loss.backward()`` on this batch, between backward and step) instead of being computed.
+    back (its step hooks do not run). With ``use_grad_fields=True`` the current gradient is read from
+    ``.grad`` (as left by ``loss.backward()`` on this batch, between backward and step) instead of being
+    computed. Every forward pass starts from the global random state ``rng_state`` (default: the state at
+    the call); with ``use_grad_fields=True`` and a model that draws from torch's generator (dropout), give
+    :func:`bnopt.probes.random_state` as it was before the forward pass behind ``.grad``.
 
     A pure observation: parameters, buffers, ``.grad``, optimiser state and the global random state are
     unchanged afterwards; normalisation uses batch statistics without updating running statistics; every
     forward pass sees the same random draws. Returns ``[{"layer": i, "l2": float, "cos": float}, ...]``.
     """
-    pairs = ics_gradients(model, loss_fn, batch, optimizer, layers, which, use_grad_fields=use_grad_fields)
+    pairs = ics_gradients(model, loss_fn, batch, optimizer, layers, which, use_grad_fields=use_grad_fields,
+                          rng_state=rng_state)
     summaries = _distances_and_cosines(list(pairs.values()))
     return [{"layer": i, "l2": l2, "cos": cos} for i, (l2, cos) in zip(pairs, summaries)]
 
@@ -69,6 +75,7 @@ def ics_gradients(
     which: Iterable[int] | None = None,
     *,
     use_grad_fields: bool = False,
+    rng_state: RandomState | None = None,
 ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """``{i: (G, G')}`` for each layer in ``which``: the gradients behind :func:`measure_ics` (same
     arguments, same guarantees), one tensor per parameter of the layer."""
@@ -111,10 +118,10 @@ def ics_gradients(
         raise ValueError(f"{type(optimizer).__name__}.step() needs a closure: it evaluates the loss itself, "
                          "several times per step, so there is no single update from the current gradient for "
                          "ICS (Definition 2.1) to take; use an optimiser that steps from .grad alone")
-    with observation(model) as obs:
+    with observation(model, rng_state) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
         updated = simulate_optimizer_step(optimizer, params, grads)
-        by_param = dict(zip(params, grads))
+        by_param = dict(zip(params, zeros_where_missing(grads, params)))
         stages = _stages(model)
         starts = _layer_starts(stages, layers) if stages is not None else None
         if starts is not None:

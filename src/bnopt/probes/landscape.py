@@ -8,9 +8,10 @@ all on the same batch, with train-mode normalisation on batch statistics.
 
 The E evaluations run one after another, or batched with ``torch.func.vmap`` (``batched=True``). Which
 is faster depends on the model and device (measured by ``scripts/benchmark.py``, ratios in the README):
-on CPU the batched form pays for the deep linear network, is about even for the MLP (either way round
-between runs) and loses for VGG, so ``batched="auto"`` picks it for conv-free models on CPU. The two
-agree to float rounding, not bit for bit.
+on a CPU with two threads the batched form pays for the deep linear network, is about even for the MLP
+(either way round between torch versions) and loses for VGG; on one thread, as the recipes' jobs run, it
+loses for all three. So ``batched="auto"`` picks it for conv-free models on CPU with more than one thread.
+The two agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from bnopt.probes.observation import (
-    current_gradient, has_free_buffers, loss_at, observation, parameters_at, per_tensor_norms,
+    RandomState, current_gradient, has_free_buffers, loss_at, observation, parameters_at, per_tensor_norms,
+    zeros_where_missing,
 )
 
 
@@ -35,12 +37,14 @@ def probe_landscape(
     *,
     use_grad_fields: bool = False,
     batched: bool | str = "auto",
+    rng_state: RandomState | None = None,
 ) -> dict:
     """Loss, gradient predictiveness and effective beta along ``-direction`` (default: the gradient).
 
     ``direction`` is one tensor per parameter with ``requires_grad``, in ``model.parameters()`` order.
     With ``use_grad_fields=True`` the gradient g is read from ``.grad`` (as left by ``loss.backward()`` on
-    this batch) instead of being computed. A pure observation, like :func:`bnopt.probes.measure_ics`.
+    this batch) instead of being computed; ``rng_state`` as for :func:`bnopt.probes.measure_ics`. A pure
+    observation, like :func:`bnopt.probes.measure_ics`.
 
     Returns ``{"eta": [...], "loss": [...], "grad_diff": [...], "beta": float, "grad_norm": float}``.
     """
@@ -52,15 +56,17 @@ def probe_landscape(
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True: there is no gradient to probe along")
     if direction is not None:
-        direction = [d.detach() for d in direction]
-        shapes_match = len(direction) == len(params) and all(d.shape == p.shape for d, p in zip(direction, params))
+        direction = list(direction)  # a dict gives its keys: refused below, as not tensors
+        shapes_match = len(direction) == len(params) and all(
+            torch.is_tensor(d) and d.shape == p.shape for d, p in zip(direction, params))
         if not shapes_match:
             raise ValueError("direction must hold one tensor per trainable parameter, shaped like it, "
                              "in model.parameters() order")
+        direction = [d.detach() for d in direction]
     if batched == "auto":
         batched = vmap_pays(model)
-    with observation(model) as obs:
-        g = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
+    with observation(model, rng_state) as obs:
+        g = zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params, use_grad_fields), params)
         d = g if direction is None else direction
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
@@ -89,12 +95,14 @@ def _combined_norms(rows: torch.Tensor) -> list[float]:
 
 
 def vmap_pays(model: nn.Module) -> bool:
-    """The measured rule (``scripts/benchmark.py``): batch the evaluations on CPU for networks without
+    """The measured rule (``scripts/benchmark.py``): batch the evaluations on CPU with more than one thread
+    (on one, the batched kernels have nothing to spread over and only add overhead) for networks without
     convolutions, unless a module keeps buffers outside normalisation's switch, which a pass may change
     (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them back
     between passes. (Noisy layers batch: their draws come from their own generator, the same at every eta.)"""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())  # the only device measured
-    return on_cpu and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules())
+    return (on_cpu and torch.get_num_threads() > 1
+            and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules()))
 
 
 def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):

@@ -19,6 +19,7 @@ from bnopt.models import ChainModel
 from bnopt.probes.activations import ActivationRecorder
 from bnopt.probes.ics import measure_ics
 from bnopt.probes.landscape import probe_landscape
+from bnopt.probes.observation import RandomState, random_state
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
@@ -49,25 +50,39 @@ class Probe:
         pass
 
 
-class ICSProbe(Probe):
+class GradientProbe(Probe):
+    """A probe that reads the training pass's gradient from ``.grad``: its passes replay the random state
+    that pass started from, so that anything drawn from torch's generator (dropout) draws what it drew."""
+
+    def __init__(self, model: nn.Module, every: int):
+        super().__init__(every)
+        self.model = model
+        self.forward_state: RandomState | None = None
+
+    def before_forward(self, step):
+        self.forward_state = random_state(self.model)
+
+
+class ICSProbe(GradientProbe):
     """``ics/l2`` and ``ics/cos`` of layers #k on the step's batch, before the optimiser step."""
 
     name = "ics"
 
     def __init__(self, model: ChainModel, loss_fn, optimizer, log: Log, layers: Sequence[int], every: int):
-        super().__init__(every)
-        self.model, self.loss_fn, self.optimizer, self.log = model, loss_fn, optimizer, log
+        super().__init__(model, every)
+        self.loss_fn, self.optimizer, self.log = loss_fn, optimizer, log
         self.layers = list(layers)
 
     def after_backward(self, step, batch):
         results = measure_ics(self.model, self.loss_fn, batch, self.optimizer, self.model.layer_params(),
-                              which=[k - 1 for k in self.layers], use_grad_fields=True)
+                              which=[k - 1 for k in self.layers], use_grad_fields=True,
+                              rng_state=self.forward_state)
         for r in results:
             self.log(step, "ics/l2", r["l2"], layer=r["layer"] + 1)
             self.log(step, "ics/cos", r["cos"], layer=r["layer"] + 1)
 
 
-class LandscapeProbe(Probe):
+class LandscapeProbe(GradientProbe):
     """``landscape/loss`` and ``landscape/grad_diff`` per eta, ``landscape/beta``, ``landscape/grad_norm``.
     ``direction="random"`` moves along a Gaussian direction of the gradient's norm, drawn from the run
     seed and the step (not from the global random stream)."""
@@ -76,10 +91,10 @@ class LandscapeProbe(Probe):
 
     def __init__(self, model: nn.Module, loss_fn, log: Log, etas: Sequence[float], every: int,
                  direction: str, seed: int, batched: bool | str = "auto"):
-        super().__init__(every)
+        super().__init__(model, every)
         if direction not in ("gradient", "random"):
             raise ValueError(f"landscape direction must be 'gradient' or 'random'; got {direction!r}")
-        self.model, self.loss_fn, self.log = model, loss_fn, log
+        self.loss_fn, self.log = loss_fn, log
         self.etas, self.direction, self.seed, self.batched = list(etas), direction, seed, batched
 
     def random_direction(self, step: int) -> list[torch.Tensor]:
@@ -93,7 +108,7 @@ class LandscapeProbe(Probe):
     def after_backward(self, step, batch):
         direction = self.random_direction(step) if self.direction == "random" else None
         result = probe_landscape(self.model, self.loss_fn, batch, self.etas, direction,
-                                 use_grad_fields=True, batched=self.batched)
+                                 use_grad_fields=True, batched=self.batched, rng_state=self.forward_state)
         for eta, loss, diff in zip(result["eta"], result["loss"], result["grad_diff"]):
             self.log(step, "landscape/loss", loss, eta=eta)
             self.log(step, "landscape/grad_diff", diff, eta=eta)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import OrderedDict
 from typing import Iterator, Sequence
 
 import torch
+import torch.optim.optimizer as optimizer_module  # the global step hooks (the package hides the name)
 from torch import nn
 
 
@@ -47,9 +49,11 @@ class FreeBuffers:
 
 def has_switch(module: nn.Module) -> bool:
     """Whether ``module`` has the ``track_running_stats`` switch (BN, Lp), which, once off, leaves its
-    buffers alone. (Found with ``vars``: a failed ``hasattr`` costs microseconds, which adds up for small
-    models; a switch defined some other way only sends its module down the save-and-restore path.)"""
-    return "track_running_stats" in vars(module)
+    buffers alone. Instance norm has the attribute but not the switch: it hands its running statistics to
+    ``F.instance_norm``, which updates them, whatever the flag says. (Found with ``vars``: a failed
+    ``hasattr`` costs microseconds, which adds up for small models; a switch defined some other way only
+    sends its module down the save-and-restore path.)"""
+    return "track_running_stats" in vars(module) and not isinstance(module, nn.modules.instancenorm._InstanceNorm)
 
 
 def has_free_buffers(module: nn.Module) -> bool:
@@ -57,17 +61,35 @@ def has_free_buffers(module: nn.Module) -> bool:
     return bool(module._buffers) and not has_switch(module)
 
 
+RandomState = tuple[torch.Tensor, list[torch.Tensor]]
+
+
+def random_state(model: nn.Module) -> RandomState:
+    """torch's global random state now, for the CPU and ``model``'s CUDA devices: what a measurement's
+    passes start from (``rng_state=``). Take it just before the training forward pass whose ``.grad`` a
+    measurement reads (``use_grad_fields=True``), so that a model drawing from the global generator
+    (dropout) draws the same masks in the measurement's passes as in that pass."""
+    return _position(_cuda_devices(model))
+
+
+def _position(devices: list[int]) -> RandomState:
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
 class Observation:
-    def __init__(self, devices: list[int], buffers: FreeBuffers):
+    def __init__(self, devices: list[int], buffers: FreeBuffers, start: RandomState | None):
         self._devices = devices
         self._buffers = buffers
-        self._start = self.position()
+        self._start = self.position() if start is None else start
+        if len(self._start[1]) != len(devices):
+            raise ValueError(f"rng_state holds the random state of {len(self._start[1])} CUDA devices, the "
+                             f"model is on {len(devices)}: take it with bnopt.probes.random_state(model)")
 
-    def position(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def position(self) -> RandomState:
         """The global random state now (CPU and the model's CUDA devices)."""
-        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._devices]
+        return _position(self._devices)
 
-    def rewind(self, position: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    def rewind(self, position: RandomState) -> None:
         """Set the global random state back to ``position``."""
         cpu, cuda = position
         torch.set_rng_state(cpu)
@@ -91,7 +113,8 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def observation(model: nn.Module) -> Iterator[Observation]:
+def observation(model: nn.Module, rng_state: RandomState | None = None) -> Iterator[Observation]:
+    """The measuring state for the block; every pass replays from ``rng_state`` (default: the state now)."""
     if torch.is_inference_mode_enabled():
         # enable_grad cannot lift inference mode, and autograd's own error ("element 0 of tensors does not
         # require grad") would not say why.
@@ -106,27 +129,50 @@ def observation(model: nn.Module) -> Iterator[Observation]:
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
     buffers = FreeBuffers(modules)
     devices = _cuda_devices(model)
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    flags = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic)
-    with torch.random.fork_rng(devices=devices):
+    cudnn = torch.backends.cudnn
+    with torch.random.fork_rng(devices=devices), float32_settings_restored():
         try:
-            # Measurements in full fp32, whatever the training run allows, and with cuDNN's deterministic
-            # algorithms: some of the others sum with atomics, so that two passes at the same weights could
-            # differ in the last bits, and G' with nothing moved would not be G.
-            matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = False, False, True
+            # Measurements in full fp32, whatever the training run allows (TF32 on a GPU; bf16 matmuls on a
+            # CPU with AMX under "medium" precision), and with cuDNN's deterministic algorithms: some of the
+            # others sum with atomics, so that two passes at the same weights could differ in the last bits,
+            # and G' with nothing moved would not be G.
+            torch.set_float32_matmul_precision("highest")
+            cudnn.allow_tf32, cudnn.deterministic = False, True
             for m in in_eval:
                 m.training = True
             for m in tracking:
                 m.track_running_stats = False
             with torch.enable_grad():
-                yield Observation(devices, buffers)
+                yield Observation(devices, buffers, rng_state)
         finally:
-            matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic = flags
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
                 m.track_running_stats = flag
             buffers.restore()
+
+
+@contextlib.contextmanager
+def float32_settings_restored() -> Iterator[None]:
+    """torch's float32 matmul precision and cuDNN's TF32 and determinism flags, put back on exit. The
+    precision goes back through ``set_float32_matmul_precision``: restoring it through the legacy
+    ``allow_tf32`` flag would leave newer torch unable to report it ("mix of the legacy and new APIs"),
+    and would not restore the CPU's bf16 setting. A precision that is already unreadable for that reason
+    goes back through the legacy flag, as it came."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        precision = None
+    flags = matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic
+    try:
+        yield
+    finally:
+        if precision is None:
+            matmul.allow_tf32 = flags[0]
+        else:
+            torch.set_float32_matmul_precision(precision)
+        cudnn.allow_tf32, cudnn.deterministic = flags[1:]
 
 
 @contextlib.contextmanager
@@ -156,17 +202,23 @@ def loss_at(model: nn.Module, loss_fn, batch, obs: Observation) -> torch.Tensor:
 
 
 def current_gradient(model, loss_fn, batch, obs: Observation, params: Sequence[nn.Parameter],
-                     use_grad_fields: bool) -> list[torch.Tensor]:
+                     use_grad_fields: bool) -> list[torch.Tensor | None]:
     """The gradient of the loss on ``batch`` at the current weights w.r.t. ``params``: computed here, or
-    read from the ``.grad`` fields left by the caller's ``loss.backward()`` on the same batch."""
+    read from the ``.grad`` fields left by the caller's ``loss.backward()`` on the same batch. None for a
+    parameter the loss does not reach, as ``backward`` leaves it, so that the simulated ``step()`` skips it
+    as the real one does (:func:`zeros_where_missing` gives the gradient's value)."""
     if use_grad_fields:
-        missing = [i for i, p in enumerate(params) if p.grad is None]
-        if missing:
-            raise ValueError(f"use_grad_fields=True but {len(missing)} parameters have no .grad; "
+        grads = [None if p.grad is None else p.grad.detach() for p in params]
+        if all(g is None for g in grads):
+            raise ValueError("use_grad_fields=True but no parameter has a .grad; "
                              "call loss.backward() on this batch first, or let the probe compute it")
-        return [p.grad.detach() for p in params]
-    return list(torch.autograd.grad(loss_at(model, loss_fn, batch, obs), params, allow_unused=True,
-                                    materialize_grads=True))
+        return grads
+    return list(torch.autograd.grad(loss_at(model, loss_fn, batch, obs), params, allow_unused=True))
+
+
+def zeros_where_missing(grads: Sequence[torch.Tensor | None], params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """The gradient's value: zero for a parameter the loss does not reach."""
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def _snapshot(value):
@@ -178,13 +230,36 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+@contextlib.contextmanager
+def step_hooks_suspended(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """No step hooks run in the block, the optimiser's own or the global ones, and a learning-rate
+    scheduler's record that ``step()`` was called is put back: hooks may keep state of their own (an
+    average of the weights, a step count) that a simulated step must not touch and cannot put back."""
+    hooks = optimizer_module
+    saved = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+             hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks)
+    called = vars(optimizer).get("_opt_called", None)
+    optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
+    hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+         hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks) = saved
+        if called is None:
+            vars(optimizer).pop("_opt_called", None)
+        else:
+            optimizer._opt_called = called
+
+
 @torch.no_grad()
 def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
-                            grads: Sequence[torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
-    """The values ``optimizer.step()`` would give ``params`` from gradients ``grads``: the real step runs
-    (momentum, weight decay, Adam's moments, any torch optimiser that steps without a closure) on copies
-    of the parameters, then ``.grad`` fields, optimiser state and hyper-parameters are put back exactly.
-    The parameters' own tensors are never written."""
+                            grads: Sequence[torch.Tensor | None]) -> dict[nn.Parameter, torch.Tensor]:
+    """The values ``optimizer.step()`` would give ``params`` from gradients ``grads`` (None: no gradient,
+    the parameter is skipped): the real step runs (momentum, weight decay, Adam's moments, any torch
+    optimiser that steps without a closure) on copies of the parameters, then ``.grad`` fields, optimiser
+    state and hyper-parameters are put back exactly. The parameters' own tensors are never written. Step
+    hooks do not run (:func:`step_hooks_suspended`): W(t+1) is what ``step()`` itself computes."""
     owned = optimizer_parameters(optimizer)
     saved_versions = [p._version for p in owned]
     saved_data = [p.data for p in owned]
@@ -196,8 +271,9 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
         for p in owned:
             p.data = p.data.clone()  # what the step writes into
             # A copy: some optimisers modify .grad in place; parameters without a gradient do not move.
-            p.grad = given[p].detach().clone() if p in given else None
-        optimizer.step()
+            p.grad = None if given.get(p) is None else given[p].detach().clone()
+        with step_hooks_suspended(optimizer):
+            optimizer.step()
         return {p: p.detach() for p in params}
     finally:
         for p, data, grad in zip(owned, saved_data, saved_grads):
