@@ -3,6 +3,7 @@ divergence as a result, the experiments' overrides, and the real loaders through
 
 import copy
 import json
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from bnopt.build import build_model
 from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
 from bnopt.probes import measure_ics
-from bnopt.rundir import MetricsWriter, RunDirectory
+from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 from bnopt.train import AnotherConfigError
 from conftest import compose_config, read_rows, train_run
@@ -276,6 +277,30 @@ def test_the_loop_is_sgd_on_the_streams_batches_written_out_by_hand(tmp_path, mn
     by_hand = model.state_dict()
     assert trained.keys() == by_hand.keys()
     assert all(torch.equal(trained[k], by_hand[k]) for k in trained)
+
+
+def test_the_recorded_commit_is_dirty_only_for_changes_a_run_depends_on(tmp_path):
+    """Regenerating committed results changes files under results/ while runs train: their commit must not
+    read "-dirty" for that, only for the package, the configs or the entry point."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("src/bnopt/rundir.py", "configs/train.yaml", "train.py", "results/run/summary.json", "README.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "first")
+    source = tmp_path / "src/bnopt"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results/run/summary.json").unlink()
+    (tmp_path / "README.md").write_text("2\n")
+    assert git_commit(source) == commit
+    for name in ("src/bnopt/rundir.py", "configs/train.yaml", "train.py"):
+        (tmp_path / name).write_text("2\n")
+        assert git_commit(source) == commit + "-dirty", name
+        git("checkout", "-q", "--", name)
 
 
 def test_summary_json_is_strict_json_even_with_nan_and_inf(tmp_path):

@@ -172,14 +172,18 @@ class RunDirectory:
         os.replace(tmp, self.checkpoint)
 
 
-def git_commit() -> str:
-    """The commit of the bnopt source tree this run used, with ``-dirty`` for uncommitted changes."""
-    source = Path(__file__).resolve().parent
+RUN_SOURCES = (":/src", ":/configs", ":/train.py")  # what a run's results depend on, from the repository root
+
+
+def git_commit(source: Path = Path(__file__).resolve().parent) -> str:
+    """The commit of the bnopt source tree this run used, with ``-dirty`` for uncommitted changes to what
+    a run depends on (the package, the configs, the entry point): not for results being written or
+    regenerated elsewhere in the repository, nor for scripts that only read them."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *RUN_SOURCES],
+                               cwd=source, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
