@@ -567,6 +567,11 @@ def test_the_loops_random_direction_has_the_gradients_norm_and_is_drawn_per_seed
     assert all(torch.equal(a, b) for a, b in zip(first, direction(3, 100)))
     for other in (direction(3, 200), direction(4, 100)):
         assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    # a parameter without .grad (the loss does not reach it) counts as a zero gradient, as in the measurement
+    without = next(model.parameters())
+    without.grad = None
+    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+    assert math.sqrt(sum(float(t.pow(2).sum()) for t in direction(3, 100))) == pytest.approx(grad_norm, rel=1e-6)
 
 
 def test_the_loops_landscape_rows_are_the_probes_results():

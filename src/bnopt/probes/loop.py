@@ -101,7 +101,9 @@ class LandscapeProbe(GradientProbe):
         params = [p for p in self.model.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(derived_seed(self.seed, "landscape-direction", step))
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-        grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in params))
+        # ||g||, where a parameter without .grad (the loss does not reach it) counts as a zero gradient
+        grad_norm = torch.sqrt(sum((p.grad.double().pow(2).sum() for p in params if p.grad is not None),
+                                   torch.zeros((), dtype=torch.float64)))
         d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d))
         return [t * (grad_norm / d_norm).to(t.dtype) for t in d]
 
