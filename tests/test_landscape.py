@@ -398,21 +398,6 @@ def test_probes_differentiate_under_no_grad_and_refuse_inference_mode():
             probe_landscape(model, loss_fn, batch, [0.1])
 
 
-def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
-    """A model drawing from torch's global generator (dropout) still gets l2 = 0 when the prefix does not
-    move: the probe rewinds the random state before each pass."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 3))
-    loss_fn = nn.functional.cross_entropy
-    batch = (torch.randn(20, 8), torch.randint(0, 3, (20,)))
-    layers = [list(model[0].parameters()), list(model[3].parameters())]
-    optimizer = torch.optim.SGD([{"params": layers[0], "lr": 0.0}, {"params": layers[1], "lr": 0.1}])
-    (result,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[1])
-    assert result["l2"] == 0.0
-    land = probe_landscape(model, loss_fn, batch, [1e-12])
-    assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]  # same dropout mask at w and at w - tiny step
-
-
 class DropoutChain(nn.Sequential):
     """Linear, dropout, ReLU, linear: a model drawing from torch's global generator, with its layers."""
 
@@ -422,6 +407,20 @@ class DropoutChain(nn.Sequential):
 
     def layer_params(self) -> list[list[nn.Parameter]]:
         return [list(self[0].parameters()), list(self[3].parameters())]
+
+
+def test_every_forward_pass_of_a_measurement_sees_the_same_random_draws():
+    """A model drawing from torch's global generator (dropout) still gets l2 = 0 when the prefix does not
+    move: the probe rewinds the random state before each pass."""
+    model = DropoutChain()
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    layers = model.layer_params()
+    optimizer = torch.optim.SGD([{"params": layers[0], "lr": 0.0}, {"params": layers[1], "lr": 0.1}])
+    (result,) = measure_ics(model, loss_fn, batch, optimizer, layers, which=[1])
+    assert result["l2"] == 0.0
+    land = probe_landscape(model, loss_fn, batch, [1e-12])
+    assert land["grad_diff"][0] < 1e-6 * land["grad_norm"]  # same dropout mask at w and at w - tiny step
 
 
 def test_probes_reading_grad_fields_replay_the_random_state_of_the_training_pass():

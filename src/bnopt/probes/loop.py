@@ -19,7 +19,7 @@ from bnopt.models import ChainModel
 from bnopt.probes.activations import ActivationRecorder
 from bnopt.probes.ics import measure_ics
 from bnopt.probes.landscape import probe_landscape
-from bnopt.probes.observation import RandomState, random_state
+from bnopt.probes.observation import RandomState, random_state, zeros_where_missing
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
@@ -101,9 +101,8 @@ class LandscapeProbe(GradientProbe):
         params = [p for p in self.model.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(derived_seed(self.seed, "landscape-direction", step))
         d = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-        # ||g||, where a parameter without .grad (the loss does not reach it) counts as a zero gradient
-        grad_norm = torch.sqrt(sum((p.grad.double().pow(2).sum() for p in params if p.grad is not None),
-                                   torch.zeros((), dtype=torch.float64)))
+        grads = zeros_where_missing([p.grad for p in params], params)  # as the measurement takes g
+        grad_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
         d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d))
         return [t * (grad_norm / d_norm).to(t.dtype) for t in d]
 

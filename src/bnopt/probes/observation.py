@@ -235,17 +235,17 @@ def step_hooks_suspended(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """No step hooks run in the block, the optimiser's own or the global ones, and a learning-rate
     scheduler's record that ``step()`` was called is put back: hooks may keep state of their own (an
     average of the weights, a step count) that a simulated step must not touch and cannot put back."""
-    hooks = optimizer_module
     saved = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
-             hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks)
+             optimizer_module._global_optimizer_pre_hooks, optimizer_module._global_optimizer_post_hooks)
     called = vars(optimizer).get("_opt_called", None)
     optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks = OrderedDict(), OrderedDict()
-    hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks = OrderedDict(), OrderedDict()
+    optimizer_module._global_optimizer_pre_hooks = OrderedDict()
+    optimizer_module._global_optimizer_post_hooks = OrderedDict()
     try:
         yield
     finally:
         (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
-         hooks._global_optimizer_pre_hooks, hooks._global_optimizer_post_hooks) = saved
+         optimizer_module._global_optimizer_pre_hooks, optimizer_module._global_optimizer_post_hooks) = saved
         if called is None:
             vars(optimizer).pop("_opt_called", None)
         else:
