@@ -40,12 +40,17 @@ def test_the_norms_settings_reach_every_norm_layer():
     data = images(4, 1, 28, 28)
     cfg = compose_config("model=mlp", "data=mnist", "norm=lp2", "norm.eps=0.01", "norm.momentum=0.3")
     norms = [m for m in build_model(cfg, data).modules() if isinstance(m, LpNorm)]
-    assert len(norms) == 3 and all((n.p, n.eps, n.momentum) == (2.0, 0.01, 0.3) for n in norms)
+    assert len(norms) == 3 and all((n.p, n.eps, n.momentum, n.norm_of) == (2.0, 0.01, 0.3, "raw") for n in norms)
+    cfg = compose_config("model=mlp", "data=mnist", "norm=lpinf", "norm.norm_of=centred")
+    assert {m.norm_of for m in build_model(cfg, data).modules() if isinstance(m, LpNorm)} == {"centred"}
     cfg = compose_config("model=mlp", "data=mnist", "norm=noisy_batchnorm", "norm.momentum=0.3",
                          "norm.noise.n_sigma=2", "seed=7")
     noisy = [m for m in build_model(cfg, data).modules() if isinstance(m, NoisyNorm)]
     assert [n.layer_key for n in noisy] == [0, 1, 2] and all(n.seed == 7 for n in noisy)
     assert all(n.spec == NoiseSpec(n_sigma=2.0) and n.inner.momentum == 0.3 for n in noisy)
+    cfg = compose_config("model=mlp", "data=mnist", "norm=noisy_none", "norm.noise.train_only=false")
+    noisy = [m for m in build_model(cfg, data).modules() if isinstance(m, NoisyNorm)]
+    assert len(noisy) == 3 and all(n.spec == NoiseSpec(train_only=False) for n in noisy)
 
 
 def test_the_models_settings_and_the_datas_shape_reach_the_network():
@@ -59,7 +64,9 @@ def test_the_models_settings_and_the_datas_shape_reach_the_network():
     assert net.layer(1).weight.weight.std().item() == pytest.approx(1 / 28, rel=0.1)
     cfg = compose_config("+experiment=dln_bn", "model.depth=4")
     net = build_model(cfg, regression(8, 6, 6))
-    assert net.num_layers == 4 and net.layer(4).weight.in_features == 6
+    assert net.num_layers == 4 and net.layer(4).weight.in_features == 6 and net.layer(4).norm is None
+    net = build_model(compose_config("+experiment=dln_bn", "model.norm_after_last=true"), regression(8, 6, 6))
+    assert isinstance(net.layer(25).norm, torch.nn.modules.batchnorm._BatchNorm)
 
 
 def learning_rates(optimizer, schedule, steps):

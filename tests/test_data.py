@@ -12,11 +12,12 @@ from bnopt.data import (
     OFFICIAL_TRAIN_LABELS, BatchStream, DatasetNotFoundError, DatasetUnreadableError, find_idx_files, gaussian_regression,
     load_cifar10, load_data, load_mnist_format, official_release, read_idx,
 )
+from bnopt.seeding import derived_seed
 from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
 
 
 def data_cfg(name, root, **extra):
-    base = dict(name=name, root=str(root), download=False, augment=False, num_classes=10,
+    base = dict(name=name, root=str(root), download=False, augment=False, normalise="per_channel", num_classes=10,
                 max_train_samples=None, max_test_samples=None, search_paths=[])
     return OmegaConf.create({**base, **extra})
 
@@ -200,6 +201,17 @@ def test_load_data_normalises_per_channel_with_training_statistics(cifar_root):
     assert data.is_classification and data.num_classes == 10
 
 
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_load_data_without_normalisation_keeps_the_pixels_scaled_to_0_1(name, cifar_root, mnist_root):
+    root = cifar_root if name == "cifar10" else mnist_root
+    raw = load_cifar10(root, download=False) if name == "cifar10" else load_mnist_format(name, root, download=False)
+    data = load_data(data_cfg(name, root, normalise="none"), seed=0)
+    for split in ("train", "test"):
+        assert torch.equal(getattr(data, f"{split}_x"), torch.from_numpy(raw[f"{split}_x"]).float() / 255)
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        load_data(data_cfg(name, root, normalise="global"), seed=0)
+
+
 def test_load_data_subsets_take_the_first_samples(mnist_root):
     full = load_data(data_cfg("mnist", mnist_root), seed=0)
     small = load_data(data_cfg("mnist", mnist_root, max_train_samples=50, max_test_samples=10), seed=0)
@@ -216,6 +228,17 @@ def test_gaussian_regression_is_fixed_by_the_seed_and_linear():
     a = torch.linalg.lstsq(x.double(), y.double()).solution.T
     torch.testing.assert_close((x.double() @ a.T).float(), y, atol=1e-4, rtol=1e-4)
     assert x.mean().abs() < 0.1 and (x.std() - 1).abs() < 0.05
+
+
+def test_gaussian_regressions_standard_deviations_scale_the_same_draws():
+    """x ~ N(0, x_std^2 I), A_ij ~ N(0, a_std^2): the seed's draws times the standard deviations, so the
+    protocol's 1 and 1 give, bit for bit, the data of runs made before they were config values."""
+    x, y = gaussian_regression(1000, 10, seed=3)
+    gen = torch.Generator().manual_seed(derived_seed("gaussian_regression", 3))
+    a, x_drawn = torch.randn(10, 10, generator=gen), torch.randn(1000, 10, generator=gen)
+    assert torch.equal(x, x_drawn) and torch.equal(y, x_drawn @ a.T)
+    x2, y2 = gaussian_regression(1000, 10, seed=3, x_std=2.0, a_std=0.5)
+    assert torch.equal(x2, 2 * x_drawn) and torch.equal(y2, (2 * x_drawn) @ (0.5 * a).T)
 
 
 def test_gaussian_regression_is_not_drawn_from_the_stream_that_initialises_the_model():

@@ -127,3 +127,5 @@ def test_dln_has_a_norm_after_every_layer_but_the_last(make, kind):
     assert model.layer(25).norm is None
     plain = dln(norm_factory("none"))
     assert all(isinstance(plain.layer(k).norm, NoNorm) for k in range(1, 25))
+    every = dln(make, norm_after_last=True)
+    assert all(isinstance(every.layer(k).norm, kind) for k in range(1, 26))

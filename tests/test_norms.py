@@ -51,24 +51,28 @@ def test_batchnorm_rejects_other_ranks():
         BatchNorm(3)(torch.randn(2, 3, 4))
 
 
-def lp_by_hand(a: torch.Tensor, p: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lp_by_hand(a: torch.Tensor, p: float, eps: float, centred: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     values = per_unit(a)
     mean = values.mean(1)
-    norm = values.abs().max(1).values if p == math.inf else values.abs().pow(p).mean(1).pow(1 / p)
+    measured = values - mean[:, None] if centred else values
+    norm = measured.abs().max(1).values if p == math.inf else measured.abs().pow(p).mean(1).pow(1 / p)
     out = (a - broadcast(mean, a)) / (broadcast(norm, a) + eps)
     return out, mean, norm
 
 
+@pytest.mark.parametrize("norm_of", ["raw", "centred"])
 @pytest.mark.parametrize("p", [1, 2, math.inf])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_lp_norm_follows_the_definition(p, shape):
+def test_lp_norm_follows_the_definition(p, shape, norm_of):
+    """The paper's formula (``raw``: N of the activations before centring), and N of the centred ones."""
     torch.manual_seed(1)
     a = torch.randn(shape, dtype=torch.float64) * 2 + 1
-    layer = LpNorm(3, p=p, eps=1e-3, momentum=0.2).double()
+    layer = LpNorm(3, p=p, eps=1e-3, momentum=0.2, norm_of=norm_of).double()
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([1.5, 1.0, -2.0]))
         layer.bias.copy_(torch.tensor([0.1, 0.0, 3.0]))
-    expected, mean, norm = lp_by_hand(a, p, 1e-3)
+    expected, mean, norm = lp_by_hand(a, p, 1e-3, centred=norm_of == "centred")
     expected = expected * broadcast(layer.weight.detach(), a) + broadcast(layer.bias.detach(), a)
     torch.testing.assert_close(layer(a), expected)
     # running statistics: exponential moving average from (0, 1) with momentum 0.2
@@ -105,13 +109,19 @@ def test_lp2_relates_to_batchnorm_as_the_formulas_say():
     torch.testing.assert_close(lp2(a), bn(a) * broadcast(torch.sqrt(var / (var + mean.pow(2))), a))
     centred = a - mean
     torch.testing.assert_close(LpNorm(4, p=2, eps=eps).double()(centred), BatchNorm(4, eps=eps).double()(centred))
+    # N of the centred activations is the standard deviation: BN, whatever the mean
+    torch.testing.assert_close(LpNorm(4, p=2, eps=eps, norm_of="centred").double()(a), bn(a))
 
 
-def test_lp_norm_rejects_other_orders():
+def test_lp_norm_rejects_other_orders_and_statistics():
     with pytest.raises(ValueError, match="p must be"):
         LpNorm(3, p=3)
     with pytest.raises(ValueError, match="p in"):
         norm_factory("lp", p=0.5)
+    with pytest.raises(ValueError, match="norm_of must be"):
+        LpNorm(3, p=2, norm_of="centered")
+    with pytest.raises(ValueError, match="norm_of in"):
+        norm_factory("lp", p=2, norm_of="centered")
 
 
 def noise_of(layer: NoisyNorm, shape, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +200,33 @@ def test_noisy_batchnorm_is_batchnorm_then_noise_and_eval_has_no_noise():
     noisy.eval()
     reference.eval()
     torch.testing.assert_close(noisy(a), reference(a))
+
+
+def test_noise_in_evaluation_is_drawn_afresh_for_each_pass_and_again_after_a_step():
+    """``train_only=False``: eval mode adds noise too. Each evaluation pass at a step (one per test batch)
+    gets its own draws, keyed to the step and the pass, not the training pass's; a layer that reaches the
+    same step again (a resumed run) draws them again."""
+    spec = NoiseSpec(train_only=False)
+
+    def additive_noise(layer: NoisyNorm, step: int) -> torch.Tensor:
+        layer.step = step
+        return layer(torch.zeros(8, 4, dtype=torch.float64))  # s * 0 + m
+
+    layer = NoisyNorm(NoNorm(4), spec, seed=7, layer_key=2).eval()
+    passes_at_5 = [additive_noise(layer, 5) for _ in range(3)]
+    assert all(not torch.equal(a, b) for i, a in enumerate(passes_at_5) for b in passes_at_5[i + 1:])
+    assert not torch.equal(additive_noise(NoisyNorm(NoNorm(4), spec, seed=7, layer_key=2), 5), passes_at_5[0])
+    additive_noise(layer, 6)
+    again_at_5 = [additive_noise(layer, 5) for _ in range(3)]
+    resumed = NoisyNorm(NoNorm(4), spec, seed=7, layer_key=2).eval()
+    assert all(map(torch.equal, again_at_5, passes_at_5))
+    assert all(map(torch.equal, [additive_noise(resumed, 5) for _ in range(3)], passes_at_5))
+    # Algorithm 1's draws, as in training: within n_mu + r_mu of zero, and s > 0 scales the input
+    assert passes_at_5[0].abs().max() <= 0.5 + 0.1
+    layer.step = 7
+    assert (layer(torch.ones(1000, 4, dtype=torch.float64)) - layer(torch.zeros(1000, 4, dtype=torch.float64))).mean() > 0.5
+    with pytest.raises(ValueError, match="train_only"):
+        NoiseSpec(train_only="no")
 
 
 def test_factory_makes_each_variant_with_one_signature():

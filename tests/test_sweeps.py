@@ -198,14 +198,16 @@ class StopAtStep:
         return self.checks > self.n
 
 
-@pytest.mark.parametrize("stop_after", [7, 20])
-def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch, stop_after):
+@pytest.mark.parametrize("stop_after, noise_in_evaluation", [(7, False), (18, True)])  # 18: evaluates first
+def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch, stop_after,
+                                                                     noise_in_evaluation):
     """VGG with noisy BN, augmentation, momentum, every probe (random landscape direction): stopped at a
     step that is not a checkpoint step, resumed from the last checkpoint, it ends with the uninterrupted
-    run's metrics.csv, histograms and weights."""
+    run's metrics.csv, histograms and weights; with noise in evaluation too, its test rows included."""
     args = ("model=vgg", "data=cifar10", "norm=noisy_batchnorm", "probes=[ics,landscape,activations]",
             "probes.landscape.direction=random", "data.augment=true", "optim.momentum=0.9", "scale=smoke",
-            "train.steps=24", "train.checkpoint_every=5", f"data.root={cifar_root}", "data.download=false")
+            "train.steps=24", "train.checkpoint_every=5", f"data.root={cifar_root}", "data.download=false",
+            f"norm.noise.train_only={not noise_in_evaluation}")
     train_run(tmp_path / "reference", *args)
     real_stop_signals = bnopt.train.stop_signals
     monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(stop_after))))

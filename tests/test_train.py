@@ -4,21 +4,24 @@ divergence as a result, the experiments' overrides, and the real loaders through
 import copy
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from bnopt.build import build_model
 from bnopt.data import BatchStream, load_data
 from bnopt.norms import BatchNorm, NoisyNorm
 from bnopt.probes import measure_ics
+from bnopt.results import read_run
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
-from bnopt.train import AnotherConfigError
-from conftest import compose_config, read_rows, train_run
+from bnopt.train import AnotherConfigError, identity_differences
+from conftest import REPO, compose_config, read_rows, train_run
 
 
 def test_dln_run_writes_the_results_contract(tmp_path):
@@ -65,6 +68,42 @@ def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(
         train_run(tmp_path, *args, "optim.lr=2e-6")
     assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_run_written_before_the_protocols_defaults_became_config_keys_is_still_that_run(tmp_path):
+    """The committed results' config.yaml files have no data.x_std, data.a_std nor model.norm_after_last:
+    such a run is read as the run with the values that compute what it computed, so a recipe neither
+    retrains it nor refuses it, and a figure groups it with runs written since; another value is another run."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none")
+    train_run(tmp_path, *args)
+    (tmp_path / "checkpoint.pt").unlink()
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del config["data"]["x_std"], config["data"]["a_std"], config["model"]["norm_after_last"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    finished = {name: (tmp_path / name).read_bytes() for name in ("metrics.csv", "summary.json", "config.yaml")}
+    assert train_run(tmp_path, *args)["status"] == "completed"
+    with pytest.raises(AnotherConfigError, match=r"\(data.x_std: 1.0 -> 2.0\)"):
+        train_run(tmp_path, *args, "data.x_std=2.0")
+    assert {name: (tmp_path / name).read_bytes() for name in finished} == finished  # neither re-run nor overwritten
+    run = read_run(tmp_path)
+    assert (run.get("data.x_std"), run.get("data.a_std"), run.get("model.norm_after_last")) == (1.0, 1.0, False)
+
+
+def committed_runs_one_per_sweep_and_norm() -> list[Path]:
+    chosen = {}
+    for config in sorted((REPO / "results").glob("*-*/*/*/config.yaml")):
+        norm = yaml.safe_load(config.read_text())["norm"]["name"]
+        chosen.setdefault((config.parent.parent, norm), config.parent)
+    return list(chosen.values())
+
+
+@pytest.mark.parametrize("run_dir", committed_runs_one_per_sweep_and_norm(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_each_committed_run_is_the_run_its_command_composes_today(run_dir):
+    """A config key added since the results were made must read, where absent, as the value that computes
+    what they computed (``with_keys_added_later``); otherwise every recipe would retrain them, or refuse."""
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    committed = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert identity_differences(committed, OmegaConf.to_container(compose_config(*overrides), resolve=True)) == []
 
 
 @pytest.mark.parametrize("finished_before", [False, True], ids=["trains", "already completed"])
@@ -238,6 +277,20 @@ def test_models_are_built_with_the_chosen_norm(tmp_path, mnist_root):
     cfg = compose_config("+experiment=noisy_bn", "norm=batchnorm", "data=fashion_mnist", f"data.root={mnist_root}")
     model = build_model(cfg, load_data(cfg.data, 0))
     assert all(type(model.layer(k).norm) is BatchNorm for k in range(1, 14))
+
+
+def test_noise_in_evaluation_changes_the_test_rows_and_nothing_the_training_computes(tmp_path, mnist_root):
+    """``norm.noise.train_only=false`` evaluates the noisy network with noise: test/* move, train/* do not
+    (evaluation draws from streams of its own), and the same run twice evaluates alike."""
+    args = ("model=mlp", "data=mnist", "norm=noisy_batchnorm", "scale=smoke", f"data.root={mnist_root}",
+            "data.download=false")
+    train_run(tmp_path / "train_only", *args)
+    train_run(tmp_path / "a", *args, "norm.noise.train_only=false")
+    train_run(tmp_path / "b", *args, "norm.noise.train_only=false")
+    assert read_rows(tmp_path / "a", ("train/",)) == read_rows(tmp_path / "train_only", ("train/",))
+    with_noise, without = read_rows(tmp_path / "a", ("test/loss",)), read_rows(tmp_path / "train_only", ("test/loss",))
+    assert len(with_noise) == len(without) == 4 and all(a != b for a, b in zip(with_noise, without))
+    assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
 
 
 def test_mnist_format_run_logs_train_and_test_accuracy(tmp_path, mnist_root):

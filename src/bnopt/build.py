@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
 def build_norm(cfg: DictConfig, seed: int) -> NormFactory:
     noise = NoiseSpec(**cfg.noise) if cfg.get("noise") else None
     return norm_factory(cfg.kind, p=cfg.get("p"), eps=cfg.get("eps", 1e-5), momentum=cfg.get("momentum", 0.1),
-                        noise=noise, seed=seed)
+                        noise=noise, seed=seed, norm_of=cfg.get("norm_of", "raw"))
 
 
 def build_model(cfg: DictConfig, data: TensorData) -> models.ChainModel:
@@ -47,7 +47,7 @@ def build_model(cfg: DictConfig, data: TensorData) -> models.ChainModel:
     if shape != tuple(data.train_y.shape[1:]):
         raise ConfigError("model.name", "dln", f"the DLN is square: inputs {shape} and targets "
                           f"{tuple(data.train_y.shape[1:])} must have the same size")
-    return models.dln(norm, dim=shape[0], depth=m.depth)
+    return models.dln(norm, dim=shape[0], depth=m.depth, norm_after_last=m.norm_after_last)
 
 
 def build_optimizer(cfg: DictConfig, model: torch.nn.Module, steps: int):

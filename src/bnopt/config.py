@@ -14,8 +14,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bnopt.data import INPUT_NORMALISATIONS
 from bnopt.models import VGG_LAYOUTS
-from bnopt.norms import NORM_KINDS
+from bnopt.norms import LP_NORM_OF, NORM_KINDS
 
 MODELS = ("vgg", "mlp", "dln")
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "gaussian_regression")
@@ -117,11 +118,14 @@ def check_config(cfg: DictConfig) -> None:
                 "a positive standard deviation or 'fan_in'")
     else:
         require(cfg, "model.depth", positive_int, "a positive number of layers")
+        require(cfg, "model.norm_after_last", one_of(True, False), "true or false")
 
     data = require(cfg, "data.name", one_of(*DATASETS), f"one of {', '.join(DATASETS)}")
     if data == "gaussian_regression":
         require(cfg, "data.n_samples", positive_int, "a positive integer")
         require(cfg, "data.dim", positive_int, "a positive integer")
+        require(cfg, "data.x_std", positive_number, "a positive standard deviation (protocol: 1)")
+        require(cfg, "data.a_std", positive_number, "a positive standard deviation (protocol: 1)")
         require(cfg, "data.loss_scale", positive_number, "a positive number (0.5: TensorFlow's l2_loss)")
         require(cfg, "data.seed", optional(seed_value), "null (the run seed) or an integer from 0 to 2**63 - 1")
         if model != "dln":
@@ -131,6 +135,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "data.root", lambda v: isinstance(v, str) and v != "", "a directory path")
         require(cfg, "data.download", one_of(True, False), "true or false")
         require(cfg, "data.augment", one_of(True, False), "true or false")
+        require(cfg, "data.normalise", one_of(*INPUT_NORMALISATIONS), f"one of {', '.join(INPUT_NORMALISATIONS)}")
         require(cfg, "data.max_train_samples", optional(positive_int), "null (all) or a positive integer")
         require(cfg, "data.max_test_samples", optional(positive_int), "null (all) or a positive integer")
         require(cfg, "data.num_classes", positive_int, "a positive number of classes")
@@ -145,12 +150,14 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "norm.momentum", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
     if kind == "lp":
         require(cfg, "norm.p", lambda v: _is_number(v) and float(v) in (1.0, 2.0, math.inf), "1, 2 or inf")
+        require(cfg, "norm.norm_of", one_of(*LP_NORM_OF), f"one of {', '.join(LP_NORM_OF)} (Section 3.3: raw)")
     if _get(cfg, "norm.noise") is not None:
         require(cfg, "norm.noise.n_mu", non_negative_number, "a non-negative number (paper: 0.5)")
         require(cfg, "norm.noise.n_sigma", lambda v: _is_number(v) and 1 <= v < math.inf,
                 "a number >= 1 (paper: 1.25)")
         require(cfg, "norm.noise.r_mu", non_negative_number, "a non-negative number (paper: 0.1)")
         require(cfg, "norm.noise.r_sigma", non_negative_number, "a non-negative number (paper: 0.1)")
+        require(cfg, "norm.noise.train_only", one_of(True, False), "true or false")
 
     require(cfg, "optim.name", one_of(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
     require(cfg, "optim.lr", positive_number, "a positive learning rate")

@@ -1,12 +1,13 @@
 """Data sets as tensors on the run's device (protocol sections 1-3).
 
-The whole data set is loaded once, normalised once (per-channel mean/std of the training set) and kept
-on the device; batches are index slices of a shuffled order, augmentation (off by default: the paper
-uses none) is batched tensor ops. Files are read in their published on-disk formats by the readers
-below — CIFAR-10's pickled batches, MNIST's IDX files (gzipped or not) — and torchvision is used only to
-download them. Missing files never fall back to anything: they raise :class:`DatasetNotFoundError`,
-which says which data set, where it looked and how to fix it; files that are there but cannot be read (a
-download cut short, another file under the same name) raise :class:`DatasetUnreadableError`, naming the file.
+The whole data set is loaded once, normalised once (per-channel mean/std of the training set, unless
+``data.normalise=none``) and kept on the device; batches are index slices of a shuffled order,
+augmentation (off by default: the paper uses none) is batched tensor ops. Files are read in their
+published on-disk formats by the readers below — CIFAR-10's pickled batches, MNIST's IDX files (gzipped
+or not) — and torchvision is used only to download them. Missing files never fall back to anything:
+they raise :class:`DatasetNotFoundError`, which says which data set, where it looked and how to fix it;
+files that are there but cannot be read (a download cut short, another file under the same name) raise
+:class:`DatasetUnreadableError`, naming the file.
 """
 
 from __future__ import annotations
@@ -257,18 +258,28 @@ def load_cifar10(root: Path, download: bool) -> dict:
     return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
 
 
-def gaussian_regression(n_samples: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Protocol section 2: x ~ N(0, I_dim), A with i.i.d. N(0, 1) entries, y = A x; fixed by ``seed``. Drawn
-    from a stream derived from the seed: the global stream seeded with the run seed initialises the model,
-    and the same stream here would build inputs out of the very numbers behind the initial weights."""
+def gaussian_regression(n_samples: int, dim: int, seed: int, x_std: float = 1.0,
+                        a_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Protocol section 2: x ~ N(0, x_std^2 I_dim), A with i.i.d. N(0, a_std^2) entries, y = A x; fixed by
+    ``seed``. Drawn from a stream derived from the seed: the global stream seeded with the run seed
+    initialises the model, and the same stream here would build inputs out of the very numbers behind the
+    initial weights. The standard deviations scale the same draws (a factor 1 changes no bit)."""
     gen = torch.Generator().manual_seed(derived_seed("gaussian_regression", seed))
-    a = torch.randn(dim, dim, generator=gen)
-    x = torch.randn(n_samples, dim, generator=gen)
+    a = torch.randn(dim, dim, generator=gen) * a_std
+    x = torch.randn(n_samples, dim, generator=gen) * x_std
     return x, x @ a.T
 
 
-def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
-    """Scale uint8 images to [0, 1] and normalise each channel by the training set's mean and std."""
+INPUT_NORMALISATIONS = ("per_channel", "none")
+
+
+def standardise(train: np.ndarray, *others: np.ndarray, normalise: str = "per_channel") -> list[torch.Tensor]:
+    """Scale uint8 images to [0, 1] and, with ``normalise="per_channel"``, normalise each channel by the
+    training set's mean and std."""
+    if normalise not in INPUT_NORMALISATIONS:
+        raise ValueError(f"normalise must be one of {INPUT_NORMALISATIONS}; got {normalise!r}")
+    if normalise == "none":
+        return [torch.from_numpy(a).float().div_(255) for a in (train, *others)]
     # float64 accumulation over the uint8 array, without a float64 copy of the data set
     mean = torch.from_numpy(train.mean(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
     std = torch.from_numpy(train.std(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
@@ -278,7 +289,8 @@ def standardise(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
 def load_data(cfg, seed: int) -> TensorData:
     """Build the data set named by ``cfg`` (a ``data/*.yaml`` config) as CPU tensors."""
     if cfg.name == "gaussian_regression":
-        x, y = gaussian_regression(cfg.n_samples, cfg.dim, seed if cfg.seed is None else cfg.seed)
+        x, y = gaussian_regression(cfg.n_samples, cfg.dim, seed if cfg.seed is None else cfg.seed,
+                                   x_std=cfg.x_std, a_std=cfg.a_std)
         return TensorData(cfg.name, x, y, None, None, None, sum_squared_loss(cfg.loss_scale))
     root = Path(cfg.root).expanduser()
     if cfg.name == "cifar10":
@@ -287,7 +299,7 @@ def load_data(cfg, seed: int) -> TensorData:
         arrays = load_mnist_format(cfg.name, root, cfg.download, cfg.get("search_paths") or ())
     else:
         raise ValueError(f"unknown data set {cfg.name!r}")
-    train_x, test_x = standardise(arrays["train_x"], arrays["test_x"])
+    train_x, test_x = standardise(arrays["train_x"], arrays["test_x"], normalise=cfg.normalise)
     train_y = torch.from_numpy(arrays["train_y"].astype(np.int64))
     test_y = torch.from_numpy(arrays["test_y"].astype(np.int64))
     # Subsets (scale=smoke) take the first samples, after normalising with the full set's statistics.

@@ -168,11 +168,12 @@ def mlp(
     return model
 
 
-def dln(norm: NormFactory, dim: int = 10, depth: int = 25) -> ChainModel:
+def dln(norm: NormFactory, dim: int = 10, depth: int = 25, norm_after_last: bool = False) -> ChainModel:
     """The deep linear network of protocol section 2: ``depth`` square, bias-free ``dim x dim`` layers,
-    Glorot init, no non-linearity, a norm layer after every weight layer except the last."""
+    Glorot init, no non-linearity, a norm layer after every weight layer except the last (after the last
+    too with ``norm_after_last``)."""
     blocks = [Block(nn.Linear(dim, dim, bias=False), norm(dim)) for _ in range(depth - 1)]
-    blocks.append(Block(nn.Linear(dim, dim, bias=False)))
+    blocks.append(Block(nn.Linear(dim, dim, bias=False), norm(dim) if norm_after_last else None))
     model = ChainModel(blocks)
     glorot_(model)
     return model

@@ -53,6 +53,9 @@ def _reduce_dims(ndim: int) -> list[int]:
     return [0, *range(2, ndim)]
 
 
+LP_NORM_OF = ("raw", "centred")
+
+
 class LpNorm(nn.Module):
     """Lp normalisation (Section 3.3): subtract the per-unit mean as BN does, then divide by the
     per-unit average Lp norm of the activations *before* the mean was subtracted,
@@ -60,17 +63,24 @@ class LpNorm(nn.Module):
         N_j = (mean_i |a_ij|^p)^(1/p)  for p = 1, 2,     N_j = max_i |a_ij|  for p = inf,
         out = gamma_j * (a_ij - mu_j) / (N_j + eps) + beta_j.
 
+    ``norm_of="centred"`` takes N_j of ``a_ij - mu_j`` instead (for p = 2 the batch's standard deviation,
+    so the layer is BN with eps outside the root): the paper's formula is ``"raw"``.
+
     Running estimates of mu and N (exponential moving average with ``momentum``, as BN) replace the batch
     statistics in eval mode. ``track_running_stats`` has BN's meaning, so code that switches it off on
     BatchNorm (the probes) does the same here.
     """
 
-    def __init__(self, num_features: int, p: float, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_features: int, p: float, eps: float = 1e-5, momentum: float = 0.1,
+                 norm_of: str = "raw"):
         super().__init__()
         if float(p) not in LP_ORDERS:
             raise ValueError(f"p must be one of 1, 2, inf; got {p!r}")
+        if norm_of not in LP_NORM_OF:
+            raise ValueError(f"norm_of must be one of {LP_NORM_OF}; got {norm_of!r}")
         self.num_features = num_features
         self.p = float(p)
+        self.norm_of = norm_of
         self.eps = eps
         self.momentum = momentum
         self.track_running_stats = True
@@ -85,8 +95,9 @@ class LpNorm(nn.Module):
         dims = _reduce_dims(a.dim())
         count = a.numel() // a.shape[1]
         mean = a.mean(dims)
+        measured = a if self.norm_of == "raw" else a - _unit_view(mean, a.dim())
         # ||a||_p / count^(1/p) is (mean |a|^p)^(1/p); for p = inf the divisor is count^0 = 1.
-        norm = torch.linalg.vector_norm(a, ord=self.p, dim=dims) / count ** (1.0 / self.p)
+        norm = torch.linalg.vector_norm(measured, ord=self.p, dim=dims) / count ** (1.0 / self.p)
         return mean, norm
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
@@ -105,21 +116,25 @@ class LpNorm(nn.Module):
         return out * _unit_view(self.weight, a.dim()) + _unit_view(self.bias, a.dim())
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.num_features}, p={self.p}, norm_of={self.norm_of}, eps={self.eps}, momentum={self.momentum}"
 
 
 @dataclass(frozen=True)
 class NoiseSpec:
-    """Constants of Algorithm 1 (Appendix A); the paper's values are the defaults."""
+    """Constants of Algorithm 1 (Appendix A); the paper's values are the defaults. ``train_only``: noise in
+    training mode only (the protocol's default), or in evaluation too."""
 
     n_mu: float = 0.5
     n_sigma: float = 1.25
     r_mu: float = 0.1
     r_sigma: float = 0.1
+    train_only: bool = True
 
     def __post_init__(self) -> None:
         if not (self.n_mu >= 0 and self.n_sigma >= 1 and self.r_mu >= 0 and self.r_sigma >= 0):
             raise ValueError(f"noise constants need n_mu >= 0, n_sigma >= 1, r_mu >= 0, r_sigma >= 0; got {self}")
+        if not isinstance(self.train_only, bool):
+            raise ValueError(f"train_only must be true or false; got {self.train_only!r}")
 
 
 class NoisyNorm(nn.Module):
@@ -133,7 +148,9 @@ class NoisyNorm(nn.Module):
     The draws are a function of (seed, layer_key, step) alone, not of a global random stream: every
     forward pass at the same step — the training pass and any number of measurement passes, in any order
     of layers — sees the same noise. The training loop sets ``step`` (``set_noise_step``). Eval mode
-    adds no noise.
+    adds no noise, unless ``spec.train_only`` is false: then each evaluation pass draws its own noise, a
+    function of (seed, layer_key, step, how many evaluation passes this layer has run at this step), so
+    the batches of one evaluation get independent noise and a resumed run evaluates with the same draws.
     """
 
     def __init__(self, inner: nn.Module, spec: NoiseSpec, seed: int, layer_key: int):
@@ -143,15 +160,24 @@ class NoisyNorm(nn.Module):
         self.seed = seed
         self.layer_key = layer_key
         self.step = 0
+        self._eval_passes = (0, 0)  # (step, evaluation passes run at that step)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
-        return self._generators[device].manual_seed(derived_seed(self.seed, "noise", self.layer_key, self.step))
+        if self.training:
+            key = derived_seed(self.seed, "noise", self.layer_key, self.step)
+        else:
+            step, passes = self._eval_passes
+            passes = passes if step == self.step else 0
+            self._eval_passes = (self.step, passes + 1)
+            key = derived_seed(self.seed, "eval noise", self.layer_key, self.step, passes)
+        return self._generators[device].manual_seed(key)
 
     def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The multiplicative and additive noise (s, m) for an activation of ``shape`` at this step."""
+        """The multiplicative and additive noise (s, m) for an activation of ``shape``: this step's in
+        training mode, the next evaluation pass's in eval mode."""
         spec, gen = self.spec, self._generator(device)
         units = shape[1]
         kw = dict(generator=gen, device=device, dtype=dtype)
@@ -163,7 +189,7 @@ class NoisyNorm(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         a = self.inner(a)
-        if not self.training:
+        if not self.training and self.spec.train_only:
             return a
         s, m = self.draw(a.shape, a.device, a.dtype)
         return s * a + m
@@ -194,6 +220,7 @@ def norm_factory(
     momentum: float = 0.1,
     noise: NoiseSpec | None = None,
     seed: int = 0,
+    norm_of: str = "raw",
 ) -> NormFactory:
     """Return ``norm(num_features) -> nn.Module`` for one variant.
 
@@ -205,6 +232,8 @@ def norm_factory(
         raise ValueError(f"unknown norm kind {kind!r}; expected one of {NORM_KINDS}")
     if kind == "lp" and (p is None or float(p) not in LP_ORDERS):
         raise ValueError(f"lp normalisation needs p in {{1, 2, inf}}; got {p!r}")
+    if kind == "lp" and norm_of not in LP_NORM_OF:
+        raise ValueError(f"lp normalisation needs norm_of in {LP_NORM_OF}; got {norm_of!r}")
     layers_made = 0
 
     def make(num_features: int) -> nn.Module:
@@ -214,7 +243,7 @@ def norm_factory(
         elif kind == "batchnorm":
             layer = BatchNorm(num_features, eps=eps, momentum=momentum)
         else:
-            layer = LpNorm(num_features, p=p, eps=eps, momentum=momentum)
+            layer = LpNorm(num_features, p=p, eps=eps, momentum=momentum, norm_of=norm_of)
         if noise is not None:
             layer = NoisyNorm(layer, noise, seed=seed, layer_key=layers_made)
         layers_made += 1

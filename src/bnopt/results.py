@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bnopt.rundir import METRICS_HEADER
+from bnopt.rundir import METRICS_HEADER, with_keys_added_later
 
 Warn = Callable[[str], None]
 
@@ -111,7 +111,7 @@ def read_run(directory: Path) -> Run:
         summary = json.loads((directory / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}  # a run killed before its first summary: its metrics still count
-    return Run(directory, config, metrics, summary)
+    return Run(directory, with_keys_added_later(config), metrics, summary)
 
 
 def find_run_dirs(root: Path) -> set[Path]:

@@ -31,10 +31,10 @@ from tqdm import tqdm
 from bnopt.build import build_model, build_optimizer, resolve_device
 from bnopt.config import check_against_run, check_config
 from bnopt.data import BatchStream, TensorData, load_data
-from bnopt.norms import NoisyNorm
+from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import build_probes
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
+from bnopt.rundir import MetricsWriter, RunDirectory, git_commit, with_keys_added_later
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
@@ -154,13 +154,13 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
                     break
                 if step > start and step % checkpoint_every == 0:
                     save_checkpoint(step, "running")
+                for layer in noisy_layers:
+                    layer.step = step  # noisy BN draws the noise of (seed, layer, step), in evaluation too
                 if step % eval_every == 0:
                     evaluate(model, data, eval_batch_size, step, log)
 
                 inputs, targets = batches.next()
                 due = [probe for probe in probes if probe.due(step)]
-                for layer in noisy_layers:
-                    layer.step = step  # noisy BN draws the noise of (seed, layer, step)
                 for probe in due:
                     probe.before_forward(step)  # hook point 1: e.g. arm the activation hooks
                 outputs = forward(inputs)
@@ -184,6 +184,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
             # -------------------------------------------------------------------------------------
         loop_seconds = time.perf_counter() - t0
         if status == "completed":
+            set_noise_step(model, step)
             evaluate(model, data, eval_batch_size, step, log)
         save_checkpoint(step, status)
     except KeyboardInterrupt:
@@ -222,7 +223,8 @@ def log_train(step, loss, outputs, targets, data: TensorData, log, bar) -> None:
 
 @torch.no_grad()
 def evaluate(model, data: TensorData, batch_size: int, step: int, log) -> None:
-    """``test/loss`` and ``test/acc`` over the whole test set in eval mode (running statistics, no noise)."""
+    """``test/loss`` and ``test/acc`` over the whole test set in eval mode (running statistics; no noise
+    unless ``norm.noise.train_only`` is false)."""
     if data.test_x is None:
         return
     was_training = model.training
@@ -309,8 +311,10 @@ def refuse_another_config(source: Path, config: dict, resolved: dict) -> None:
 
 
 def identity_differences(a: dict, b: dict) -> list[str]:
-    """``key: old -> new`` for every leaf where two plain configs differ as runs (``NOT_IDENTITY`` left out)."""
-    return [d for d in config_differences(a, b) if d.split(":")[0] not in NOT_IDENTITY]
+    """``key: old -> new`` for every leaf where two plain configs differ as runs (``NOT_IDENTITY`` left out;
+    a key one of them predates counts with the value that computes what it computed)."""
+    differences = config_differences(with_keys_added_later(a), with_keys_added_later(b))
+    return [d for d in differences if d.split(":")[0] not in NOT_IDENTITY]
 
 
 def config_differences(a, b, prefix: str = "") -> list[str]:
