@@ -69,6 +69,9 @@ from conftest import REPO, compose_config, read_rows, run_cli, train_run
     (["+experiment=dln_bn", "model.norm_after_last=maybe"], "model.norm_after_last"),
     (["norm=lp2", "norm.norm_of=centered"], "norm.norm_of"),
     (["norm=noisy_batchnorm", "norm.noise.train_only=maybe"], "norm.noise.train_only"),
+    (["norm=noisy_batchnorm", "norm.noise.train_only=1"], "norm.noise.train_only"),  # 1 == True in Python
+    (["data.augment=0"], "data.augment"),
+    (["probes=[landscape]", "probes.landscape.batched=1"], "probes.landscape.batched"),
     (["data.max_train_samples=0"], "data.max_train_samples"),
     (["data.max_test_samples=0"], "data.max_test_samples"),
     (["data.num_classes=0"], "data.num_classes"),

@@ -2,6 +2,7 @@
 diverging jobs, the sweep index, and an interrupted run that resumes to exactly the uninterrupted result."""
 
 import contextlib
+import copy
 import csv
 import json
 import os
@@ -181,6 +182,28 @@ def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
     (run / "summary.json").write_text('{"status": "completed", "steps": 3000}')
     [row] = index_rows(tmp_path)
     assert (row["job"], row["dir"], row["overrides"], row["status"]) == ("", "none_lr0.1_seed0", "", "completed")
+
+
+def test_the_index_names_the_command_of_a_run_written_before_a_key_was_added(tmp_path):
+    """Our committed runs' config.yaml predates keys such as data.x_std; a recipe run again finds them
+    finished, and Hydra's .hydra/config.yaml, rewritten, has the keys: still the command that trained the run."""
+    run = tmp_path / "batchnorm_lr1e-06_seed0"
+    (run / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"job": {"num": 3}, "overrides": {"task": ["norm=batchnorm", "seed=0"]}}}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    old = {"name": "fig9", "seed": 0, "model": {"name": "dln", "depth": 25},
+           "data": {"name": "gaussian_regression", "dim": 10}}
+    (run / "config.yaml").write_text(yaml.safe_dump(old))
+    new = copy.deepcopy(old)
+    new["model"]["norm_after_last"], new["data"]["x_std"], new["data"]["a_std"] = False, 1.0, 1.0
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(new))
+    (run / "summary.json").write_text('{"status": "completed", "steps": 10000}')
+    [row] = index_rows(tmp_path)
+    assert (row["job"], row["overrides"]) == ("3", "norm=batchnorm seed=0")
+    new["data"]["x_std"] = 2.0  # another run's command
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(new))
+    [row] = index_rows(tmp_path)
+    assert (row["job"], row["overrides"]) == ("", "")
 
 
 # --- resume, deterministically -------------------------------------------------------------------------

@@ -281,16 +281,19 @@ def test_models_are_built_with_the_chosen_norm(tmp_path, mnist_root):
 
 def test_noise_in_evaluation_changes_the_test_rows_and_nothing_the_training_computes(tmp_path, mnist_root):
     """``norm.noise.train_only=false`` evaluates the noisy network with noise: test/* move, train/* do not
-    (evaluation draws from streams of its own), and the same run twice evaluates alike."""
+    (evaluation draws from streams of its own), the same run twice evaluates alike, and a run's final
+    evaluation is the one a longer run makes at that step (its noise keyed to that step)."""
     args = ("model=mlp", "data=mnist", "norm=noisy_batchnorm", "scale=smoke", f"data.root={mnist_root}",
             "data.download=false")
     train_run(tmp_path / "train_only", *args)
     train_run(tmp_path / "a", *args, "norm.noise.train_only=false")
     train_run(tmp_path / "b", *args, "norm.noise.train_only=false")
+    train_run(tmp_path / "shorter", *args, "norm.noise.train_only=false", "train.steps=20")
     assert read_rows(tmp_path / "a", ("train/",)) == read_rows(tmp_path / "train_only", ("train/",))
     with_noise, without = read_rows(tmp_path / "a", ("test/loss",)), read_rows(tmp_path / "train_only", ("test/loss",))
     assert len(with_noise) == len(without) == 4 and all(a != b for a, b in zip(with_noise, without))
     assert (tmp_path / "a/metrics.csv").read_bytes() == (tmp_path / "b/metrics.csv").read_bytes()
+    assert read_rows(tmp_path / "shorter", ("test/",)) == read_rows(tmp_path / "a", ("test/",))[:6]  # steps 0-20
 
 
 def test_mnist_format_run_logs_train_and_test_accuracy(tmp_path, mnist_root):

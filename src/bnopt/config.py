@@ -79,7 +79,9 @@ def list_of(check: Callable[[Any], bool], non_empty: bool = True) -> Callable[[A
 
 
 def one_of(*choices: Any) -> Callable[[Any], bool]:
-    return lambda v: v in choices
+    """One of ``choices``; a boolean choice only as a boolean (Python's ``1 == True`` would let 1 and 0.0 pass
+    for true and false, and the object built from the value then fails, or takes it, further on)."""
+    return lambda v: any(v == c and isinstance(v, bool) == isinstance(c, bool) for c in choices)
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bnopt.rundir import METRICS_HEADER, with_keys_added_later
+from bnopt.config_history import with_keys_added_later
+from bnopt.rundir import METRICS_HEADER
 
 Warn = Callable[[str], None]
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -32,28 +31,6 @@ except ImportError:  # not POSIX (Windows): run directories are not locked
     fcntl = None
 
 METRICS_HEADER = "step,name,value,layer,eta"
-
-
-def with_keys_added_later(config: dict) -> dict:
-    """A copy of a plain run config with every key added to the configs after runs were first written
-    (2026-11-30: the protocol's [default]s as config values) set, where absent, to the value that computes
-    what those runs computed. A run written before a key existed is then read as the run it is: the
-    committed results are neither retrained nor refused, and group with runs written since."""
-    config = copy.deepcopy(config)
-    data, model, norm = (config.get(group) if isinstance(config.get(group), dict) else {}
-                         for group in ("data", "model", "norm"))
-    if data.get("name") == "gaussian_regression":
-        data.setdefault("x_std", 1.0)
-        data.setdefault("a_std", 1.0)
-    elif "name" in data:
-        data.setdefault("normalise", "per_channel")
-    if model.get("name") == "dln":
-        model.setdefault("norm_after_last", False)
-    if norm.get("kind") == "lp":
-        norm.setdefault("norm_of", "raw")
-    if isinstance(norm.get("noise"), dict):
-        norm["noise"].setdefault("train_only", True)
-    return config
 
 
 class OutputDirError(RuntimeError):

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bnopt.config_history import with_keys_added_later
 
 FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
 INDEX_COLUMNS = ("job", "dir", "overrides", "status", "steps", *FINAL_METRICS, "wall_time_s", "error")
@@ -95,8 +96,9 @@ def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
 
 def _config(path: Path) -> dict:
     """The resolved config in ``path`` without the keys that may change between the commands of one run: the
-    thread count and device (a job requeued elsewhere). Its ``name`` stays: it tells the experiment apart."""
-    config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    thread count and device (a job requeued elsewhere). Its ``name`` stays: it tells the experiment apart.
+    A key added since the run was written reads as the value that computes what it computed."""
+    config = with_keys_added_later(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     return {key: value for key, value in config.items() if key not in ("threads", "device")}
 
 

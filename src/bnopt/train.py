@@ -34,7 +34,8 @@ from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import build_probes
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import MetricsWriter, RunDirectory, git_commit, with_keys_added_later
+from bnopt.config_history import with_keys_added_later
+from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
