@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from bnopt.figures import FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, result_sets
+from bnopt.figures import (
+    FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, result_sets, setting_note,
+)
 from bnopt.results import Run, RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, assert_every_figure_drawn, compose_config
@@ -111,6 +113,26 @@ def test_a_redrawn_figure_is_the_same_file(all_runs, tmp_path):
     for suffix in (".png", ".pdf"):
         assert first.with_suffix(suffix).read_bytes() == second.with_suffix(suffix).read_bytes()
     assert b"/CreationDate" not in first.with_suffix(".pdf").read_bytes()
+
+
+def test_a_figures_title_names_every_protocol_setting_its_runs_leave(tmp_path):
+    """Runs at the protocol's settings get the data set, scale and size alone; each setting a run leaves by a
+    config value is named with the values the runs take, so a figure cannot pass for the paper's setting."""
+    def run_of(*overrides):
+        config = compose_config("scale=cpu", "probes=none", *overrides)
+        return Run(tmp_path, OmegaConf.to_container(config, resolve=True), pd.DataFrame(), {})
+
+    vgg = ("model=vgg", "data=fashion_mnist")
+    assert setting_note([run_of(*vgg), run_of(*vgg, "seed=1")]) == ("fashion_mnist; scale=cpu; VGG-16 width 0.125, "
+                                                                    "3000 steps; paper: CIFAR-10")
+    assert setting_note([run_of("+experiment=dln_bn"), run_of("+experiment=dln_bn", "norm=lp2")]) == (
+        "gaussian_regression; scale=cpu")
+    left = [run_of(*vgg, "data.normalise=none", "norm=noisy_batchnorm", "norm.noise.train_only=false"),
+            run_of(*vgg, "optim.momentum=0.9"), run_of(*vgg, "optim.momentum=0.5", "norm=lp1", "norm.norm_of=centred")]
+    assert setting_note(left).endswith("paper: CIFAR-10; data.normalise=none; norm.norm_of=centred; "
+                                       "norm.noise.train_only=False; optim.momentum=0.5/0.9")
+    assert setting_note([run_of("+experiment=dln_bn", "data.x_std=2.0", "model.norm_after_last=true")]) == (
+        "gaussian_regression; scale=cpu; data.x_std=2.0; model.norm_after_last=True")
 
 
 def test_missing_runs_are_named_and_the_rest_is_drawn(all_runs, tmp_path):

@@ -141,6 +141,16 @@ def landscape_bands(axes, runs: list[Run], color, label: str) -> None:
     axes[2].set_title("effective β-smoothness")
 
 
+# The protocol's settings that a run may leave by a config value, with the protocol's value (sections 1-4,
+# its [default]s included); a figure's title names each one its runs leave. Keys a model or data set does
+# not have (None) are passed over.
+PROTOCOL_SETTINGS = {
+    "data.augment": False, "data.normalise": "per_channel", "data.x_std": 1.0, "data.a_std": 1.0,
+    "data.loss_scale": 0.5, "model.norm_after_last": False, "model.init_std": 0.1, "norm.norm_of": "raw",
+    "norm.noise.train_only": True, "optim.momentum": 0, "optim.weight_decay": 0, "optim.schedule": "constant",
+}
+
+
 def setting_note(runs: list[Run]) -> str:
     """What differs from the paper's setting, for the figure's title."""
     if not runs:
@@ -155,6 +165,10 @@ def setting_note(runs: list[Run]) -> str:
             parts.append("paper: CIFAR-10")
     if model == "mlp" and data != "mnist":
         parts.append("paper: MNIST")
+    for key, paper_value in PROTOCOL_SETTINGS.items():
+        left = sorted({str(value) for value in (run.get(key) for run in runs) if value not in (None, paper_value)})
+        if left:
+            parts.append(f"{key}={'/'.join(left)}")
     return "; ".join(parts)
 
 
