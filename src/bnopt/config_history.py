@@ -9,25 +9,37 @@ figures). Kept free of torch: the index script imports it.
 from __future__ import annotations
 
 import copy
+from typing import Any, Callable
+
+
+def _at(config: dict, dotted: str) -> Any:
+    """The value at ``dotted`` in a plain config, or None where any part of the path is missing."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict):
+            return None
+        config = config.get(part)
+    return config
+
+
+# Each key added on 2026-11-30 (the protocol's [default]s as config values): the value that computes what
+# runs written before it computed, which is the protocol's, and which configs have the key.
+KEYS_ADDED_LATER: dict[str, tuple[Any, Callable[[dict], bool]]] = {
+    "data.normalise": ("per_channel", lambda c: _at(c, "data.name") not in (None, "gaussian_regression")),
+    "data.x_std": (1.0, lambda c: _at(c, "data.name") == "gaussian_regression"),
+    "data.a_std": (1.0, lambda c: _at(c, "data.name") == "gaussian_regression"),
+    "model.norm_after_last": (False, lambda c: _at(c, "model.name") == "dln"),
+    "norm.norm_of": ("raw", lambda c: _at(c, "norm.kind") == "lp"),
+    "norm.noise.train_only": (True, lambda c: isinstance(_at(c, "norm.noise"), dict)),
+}
 
 
 def with_keys_added_later(config: dict) -> dict:
-    """A copy of a plain run config with every key added to the configs after runs were first written
-    (2026-11-30: the protocol's [default]s as config values) set, where absent, to the value that computes
-    what those runs computed. A run written before a key existed is then read as the run it is: the
-    committed results are neither retrained nor refused, and group with runs written since."""
+    """A copy of a plain run config with every key of :data:`KEYS_ADDED_LATER` that applies to it set, where
+    absent, to the value that computes what runs written before the key computed. Such a run is then read as
+    the run it is: the committed results are neither retrained nor refused, and group with runs written since."""
     config = copy.deepcopy(config)
-    data, model, norm = (config.get(group) if isinstance(config.get(group), dict) else {}
-                         for group in ("data", "model", "norm"))
-    if data.get("name") == "gaussian_regression":
-        data.setdefault("x_std", 1.0)
-        data.setdefault("a_std", 1.0)
-    elif "name" in data:
-        data.setdefault("normalise", "per_channel")
-    if model.get("name") == "dln":
-        model.setdefault("norm_after_last", False)
-    if norm.get("kind") == "lp":
-        norm.setdefault("norm_of", "raw")
-    if isinstance(norm.get("noise"), dict):
-        norm["noise"].setdefault("train_only", True)
+    for key, (value, applies) in KEYS_ADDED_LATER.items():
+        if applies(config):
+            *parents, leaf = key.split(".")
+            _at(config, ".".join(parents)).setdefault(leaf, value)
     return config

@@ -22,6 +22,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bnopt.config_history import KEYS_ADDED_LATER  # noqa: E402
 from bnopt.results import Run, aggregate, select  # noqa: E402
 
 COLORS = {"none": "0.35", "batchnorm": "C0", "noisy_batchnorm": "C1", "lp1": "C2", "lp2": "C3", "lpinf": "C4",
@@ -141,13 +142,13 @@ def landscape_bands(axes, runs: list[Run], color, label: str) -> None:
     axes[2].set_title("effective β-smoothness")
 
 
-# The protocol's settings that a run may leave by a config value, with the protocol's value (sections 1-4,
-# its [default]s included); a figure's title names each one its runs leave. Keys a model or data set does
-# not have (None) are passed over.
+# The protocol's settings that a run may leave by a config value, with the protocol's value (sections 1-4;
+# its [default]s are the keys added later); a figure's title names each one its runs leave. Keys a model or
+# data set does not have (None) are passed over.
 PROTOCOL_SETTINGS = {
-    "data.augment": False, "data.normalise": "per_channel", "data.x_std": 1.0, "data.a_std": 1.0,
-    "data.loss_scale": 0.5, "model.norm_after_last": False, "model.init_std": 0.1, "norm.norm_of": "raw",
-    "norm.noise.train_only": True, "optim.momentum": 0, "optim.weight_decay": 0, "optim.schedule": "constant",
+    "data.augment": False, "data.loss_scale": 0.5, "model.init_std": 0.1,
+    **{key: value for key, (value, _) in KEYS_ADDED_LATER.items()},
+    "optim.momentum": 0, "optim.weight_decay": 0, "optim.schedule": "constant",
 }
 
 

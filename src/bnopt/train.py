@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from bnopt.build import build_model, build_optimizer, resolve_device
 from bnopt.config import check_against_run, check_config
+from bnopt.config_history import with_keys_added_later
 from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import build_probes
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.config_history import with_keys_added_later
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
