@@ -4,10 +4,14 @@
     python scripts/benchmark.py --device cuda   # on a GPU (VGG-16 at full width)
     python scripts/benchmark.py --only probes --models dln_bn vgg11
     python scripts/benchmark.py --only flops    # FLOP counts alone (half a minute)
+    python scripts/benchmark.py --device cuda --tf32 --only loop --models vgg16   # a run with train.tf32=true
 
 Costs are multiples of one bare training step (forward + backward + SGD step) of the same model and batch.
 Each ratio is the median over rounds that time a step, the measured thing and another step back to back,
 because absolute times drift on shared machines (here by up to 2x) while ratios taken together do not.
+Everything is timed under the numerics a run sets: TF32 off unless ``--tf32`` (``train.tf32``). torch's own
+default runs a GPU's convolutions in TF32, about twice as fast for VGG-16 on an H200, so a bare loop left at
+that default is not the same computation as a run's.
 The same probe calls are also counted in conv and matmul FLOPs, at the paper's width: the ratio that times
 approach wherever those products dominate the time (large models on a GPU).
 """
@@ -36,6 +40,7 @@ from bnopt.data import sum_squared_loss  # noqa: E402
 from bnopt.norms import norm_factory  # noqa: E402
 from bnopt.probes import ActivationRecorder, measure_ics, probe_landscape  # noqa: E402
 from bnopt.probes.observation import observation  # noqa: E402
+from bnopt.train import process_settings  # noqa: E402
 
 
 @dataclass
@@ -226,7 +231,7 @@ def flop_costs(s: Setting, device: torch.device, samples: int = 8) -> dict[str, 
             if key != "landscape_vmap"}  # the same products as the loop, batched
 
 
-def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> dict[str, float]:
+def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int, tf32: bool) -> dict[str, float]:
     """Our loop (``bnopt.train.train``, log_every=100, no probes) against a bare loop on a batch of the same
     data: seconds per step by the run's own clock (``summary.json``'s ``steps_per_s`` times the loop, not
     start-up or loading), each run of ours between two bare runs."""
@@ -250,7 +255,7 @@ def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int) -> 
             with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
                 return compose("train", overrides=[*s.overrides, *files, f"train.steps={n}", "train.log_every=100",
                                                    f"train.eval_every={10 * n}", f"train.checkpoint_every={10 * n}",
-                                                   f"device={device}"])
+                                                   f"device={device}", f"train.tf32={str(tf32).lower()}"])
 
         def ours(n: int, run: int) -> float:
             return n / train(compose_run(n), tmp / f"run{run}")["steps_per_s"]
@@ -314,17 +319,21 @@ def main() -> None:
     parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--tf32", action="store_true", help="time steps and runs with TF32 on (train.tf32=true)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with process_settings(args.threads, args.tf32):
+        run_benchmark(args, parser)
+
+
+def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     device = torch.device(args.device)
     table = settings(device)
     unknown = [key for key in args.models if key not in table]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     results = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "device": str(device),
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+               "threads": torch.get_num_threads(), "tf32": args.tf32, "torch": torch.__version__, "models": {}}
     if device.type == "cuda":
         results["device_name"] = torch.cuda.get_device_name(device)
     for key in args.models:
@@ -336,7 +345,7 @@ def main() -> None:
             entry["flops"] = flop_costs(s, device)
         if args.only in (None, "loop") and key in ("mlp_bn", "dln_bn", "vgg16"):
             steps = {"mlp_bn": 3000, "dln_bn": 600, "vgg16": 60 if device.type == "cpu" else 600}[key]
-            entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2)))
+            entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2), tf32=args.tf32))
         print(json.dumps({key: entry}, indent=1), flush=True)
     print(markdown(results))
     if args.out:
@@ -366,7 +375,7 @@ FLOP_KEYS = ("ics_all_layers", "ics_all_layers_computing_G", "ics_general_path",
 
 def markdown(results: dict) -> str:
     lines = [f"device {results['device']} ({results.get('device_name', results['machine'])}), "
-             f"{results['threads']} threads, torch {results['torch']}", "",
+             f"{results['threads']} threads, TF32 {'on' if results['tf32'] else 'off'}, torch {results['torch']}", "",
              "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 1) + "|"]
     for entry in results["models"].values():

@@ -18,7 +18,11 @@ def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| dln_none | 8.43 |" in result.stdout  # the markdown table the README quotes
-    flops = json.loads(out.read_text())["models"]["dln_none"]["flops"]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("device cpu"))
+    assert ", TF32 off, " in header  # timed as a default run computes (train.tf32)
+    results = json.loads(out.read_text())
+    assert results["tf32"] is False
+    flops = results["models"]["dln_none"]["flops"]
     k = 25
     step = 3 * k - 1
     assert flops == {

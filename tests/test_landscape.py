@@ -11,7 +11,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from bnopt.norms import set_noise_step
 from bnopt.probes import ics_gradients, measure_ics, probe_landscape, random_state
-from bnopt.probes.landscape import vmap_pays
+from bnopt.probes.landscape import batching_pays_on, vmap_pays
 from bnopt.probes.loop import ICSProbe, LandscapeProbe
 from conftest import assert_same, snapshot
 from test_ics import assert_bit_for_bit, brute_force_ics, small_problem
@@ -481,7 +481,7 @@ def stateful_model(kind: str) -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), middle, nn.Tanh(), nn.Linear(8, 3)).double()
 
 
-def test_auto_batches_convolution_free_models_on_cpu_with_threads_unless_a_pass_may_change_buffers():
+def test_auto_batches_convolution_free_models_on_cuda_and_cpu_with_threads_unless_a_pass_may_change_buffers():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -489,12 +489,19 @@ def test_auto_batches_convolution_free_models_on_cpu_with_threads_unless_a_pass_
         assert vmap_pays(small_problem("dln", "batchnorm")[0])
         assert not vmap_pays(small_problem("vgg", "batchnorm")[0])
         assert not vmap_pays(stateful_model("spectral norm"))
-        # off the CPU, where nothing was measured, the loop (on any device: the meta device stands in for a GPU)
+        # on a device nobody measured, the loop (the meta device stands in for one)
         assert not vmap_pays(small_problem("dln", "batchnorm")[0].to("meta"))
         torch.set_num_threads(1)  # as the recipes' jobs run, where vmap measured slower for every model
         assert not vmap_pays(small_problem("dln", "batchnorm")[0])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_batching_pays_on_cuda_at_any_thread_count_and_on_cpu_with_more_than_one_thread():
+    # the device rule alone, since CI has no GPU to put a model on
+    assert batching_pays_on({"cuda"}, 1) and batching_pays_on({"cpu"}, 2)
+    assert not batching_pays_on({"cpu"}, 1)
+    assert not batching_pays_on({"mps"}, 8) and not batching_pays_on({"cpu", "cuda"}, 8)
 
 
 @pytest.mark.parametrize("kind", ["counter in place", "counter through .data", "counter reassigned", "spectral norm"])

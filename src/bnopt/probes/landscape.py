@@ -10,7 +10,8 @@ The E evaluations run one after another, or batched with ``torch.func.vmap`` (``
 is faster depends on the model and device (measured by ``scripts/benchmark.py``, ratios in the README):
 on a CPU with two threads the batched form pays for the deep linear network, is about even for the MLP
 (either way round between torch versions) and loses for VGG; on one thread, as the recipes' jobs run, it
-loses for all three. So ``batched="auto"`` picks it for conv-free models on CPU with more than one thread.
+loses for all three. On a GPU (an H200) it pays for the MLP and the DLN and loses for VGG. So
+``batched="auto"`` picks it for conv-free models on CUDA, and on CPU with more than one thread.
 The two agree to float rounding, not bit for bit.
 """
 
@@ -95,14 +96,22 @@ def _combined_norms(rows: torch.Tensor) -> list[float]:
 
 
 def vmap_pays(model: nn.Module) -> bool:
-    """The measured rule (``scripts/benchmark.py``): batch the evaluations on CPU with more than one thread
-    (on one, the batched kernels have nothing to spread over and only add overhead) for networks without
-    convolutions, unless a module keeps buffers outside normalisation's switch, which a pass may change
-    (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them back
-    between passes. (Noisy layers batch: their draws come from their own generator, the same at every eta.)"""
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())  # the only device measured
-    return (on_cpu and torch.get_num_threads() > 1
+    """The measured rule (``scripts/benchmark.py``): batch the evaluations of networks without convolutions
+    where that was faster, unless a module keeps buffers outside normalisation's switch, which a pass may
+    change (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them
+    back between passes. (Noisy layers batch: their draws come from their own generator, the same at every
+    eta.)"""
+    devices = {p.device.type for p in model.parameters()}
+    return (batching_pays_on(devices, torch.get_num_threads())
             and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules()))
+
+
+def batching_pays_on(devices: set[str], threads: int) -> bool:
+    """Whether batching paid for convolution-free networks on these devices: on CUDA (an H200: 1.2-2.4x
+    for the MLP and the DLN, whose many small kernels it merges), and on a CPU with more than one thread
+    (on one, the batched kernels have nothing to spread over and only add overhead). Other devices were
+    not measured, so they take the loop."""
+    return devices == {"cuda"} or (devices <= {"cpu"} and threads > 1)
 
 
 def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):
