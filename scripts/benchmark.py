@@ -322,16 +322,20 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="time steps and runs with TF32 on (train.tf32=true)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
-    with process_settings(args.threads, args.tf32):
-        run_benchmark(args, parser)
-
-
-def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     device = torch.device(args.device)
     table = settings(device)
     unknown = [key for key in args.models if key not in table]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    with process_settings(args.threads, args.tf32):
+        results = measure(args, device, table)
+    print(markdown(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def measure(args: argparse.Namespace, device: torch.device, table: dict[str, Setting]) -> dict:
+    """The sections ``args`` ask for, model by model (each printed as it is done), under the run's settings."""
     results = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "device": str(device),
                "threads": torch.get_num_threads(), "tf32": args.tf32, "torch": torch.__version__, "models": {}}
     if device.type == "cuda":
@@ -347,9 +351,7 @@ def run_benchmark(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             steps = {"mlp_bn": 3000, "dln_bn": 600, "vgg16": 60 if device.type == "cpu" else 600}[key]
             entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2), tf32=args.tf32))
         print(json.dumps({key: entry}, indent=1), flush=True)
-    print(markdown(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 COLUMNS = [
