@@ -45,6 +45,12 @@ def final(run: Run, metric: str) -> float | None:
     return float(s.iloc[-1]) if len(s) else None
 
 
+def not_diverged(runs: list[Run]) -> list[Run]:
+    """The runs whose last values are a trained network's: a diverged run's are those of its last finite
+    logging step, which may be its untrained start."""
+    return [r for r in runs if r.status != "diverged"]
+
+
 def median_over_training(run: Run, metric: str, layer: int | None = None) -> float | None:
     s = run.series(metric, layer)
     return float(s.median()) if len(s) else None
@@ -71,11 +77,12 @@ def vgg_training(runs: list[Run]) -> str:
             if not chosen:
                 continue
             rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
-                         seeds([final(r, "train/acc") for r in chosen]),
-                         seeds([final(r, "test/acc") for r in chosen]), ", ".join(sorted({r.status for r in chosen}))])
+                         seeds([final(r, "train/acc") for r in not_diverged(chosen)]),
+                         seeds([final(r, "test/acc") for r in not_diverged(chosen)]),
+                         ", ".join(sorted({r.status for r in chosen}))])
         out.append(f"**VGG training** ({name}):\n\n" + table(
-            ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)", "final train acc (batch)",
-             "final test acc", "status"], rows))
+            ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)",
+             "final train acc (batch; not diverged)", "final test acc (not diverged)", "status"], rows))
     return "\n\n".join(out)
 
 
@@ -165,10 +172,10 @@ def dln_losses(runs: list[Run]) -> str:
         for norm in LP_VARIANTS:
             chosen = select(dln, norm__name=norm, optim__lr=1e-6)
             if chosen:
-                rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in chosen]),
+                rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in not_diverged(chosen)]),
                              seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
         out.append(f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n"
-                   + table(["variant", "final loss", "initial loss"], rows))
+                   + table(["variant", "final loss (not diverged)", "initial loss"], rows))
     return "\n\n".join(out)
 
 

@@ -15,6 +15,7 @@ import torch
 from bnopt.config import ConfigError, check_against_run, check_config
 from bnopt.synthetic import write_mnist
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
+from test_sweeps import read_index
 
 # --- bad input, in-process ---------------------------------------------------------------------------
 
@@ -240,6 +241,22 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     assert summary["status"] == "completed" and summary["job"] == {"num": None, "overrides": list(SURVIVOR)}
 
 
+def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
+    """A first Ctrl-C checkpoints the job it lands in; the sweep's next jobs must not start after it (they
+    did: one Ctrl-C per job was needed to stop a sweep). The index says where it stopped."""
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-m", "+experiment=dln_bn", "scale=smoke",
+                                "probes=none", "train.steps=1000000", "seed=0,1", f"hydra.sweep.dir={tmp_path}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "0", 50, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted, so the sweep stops here" in stderr
+    assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "1").exists()
+    assert [(r["job"], r["status"]) for r in read_index(tmp_path)] == [("0", "interrupted")]
+
+
 def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uninterrupted):
     again = run_cli(*SURVIVOR, f"hydra.run.dir={uninterrupted}")
     assert again.returncode == 0 and "already completed" in again.stdout
@@ -252,6 +269,23 @@ def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uni
     failed = json.loads((tmp_path / "summary.json").read_text())  # nothing else says why this run did not start
     assert failed["status"] == "failed" and "cannot be read" in failed["error"]
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing overwritten
+
+
+def test_a_command_refused_once_the_model_is_built_leaves_a_killed_runs_files_as_they_were(tmp_path):
+    """A run killed before its first checkpoint starts afresh for the next command, but one refused on the
+    built model (a probe layer it lacks) must not relabel what the killed run left: its config.yaml still
+    describes its metrics.csv (the figures read both)."""
+    smoke = ("+experiment=dln_bn", "scale=smoke")
+    train_run(tmp_path, *smoke)
+    (tmp_path / "checkpoint.pt").unlink()  # as if killed before the first checkpoint
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    left = {name: (tmp_path / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    with pytest.raises(ConfigError, match="probes.ics.layers"):
+        train_run(tmp_path, *smoke, "model.paper.ics_layers=[99]")
+    assert {name: (tmp_path / name).read_bytes() for name in left} == left
+    assert train_run(tmp_path, *smoke, "optim.lr=2e-6")["status"] == "completed"  # an accepted one starts afresh
+    assert "lr: 2.0e-06" in (tmp_path / "config.yaml").read_text()
 
 
 def test_a_failure_replaces_a_summary_that_is_not_a_json_object(tmp_path):

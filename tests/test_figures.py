@@ -557,6 +557,11 @@ def test_the_reports_numbers_are_the_statistics_it_names(all_runs):
     assert report.seeds([None, float("inf")]) == "–"
     assert report.first_to_last_tenth(pd.Series(np.arange(20.0))) == "0.5 → 18.5"  # two points each
 
+    # the fixture's one unnormalised run at lr 0.5 diverged at step 120: its last values are not final ones
+    training = report.vgg_training(all_runs)
+    row = next(line for line in training.splitlines() if line.startswith(f"| {LABELS['none']} | 0.5 |"))
+    assert row.endswith("| – | – | diverged |"), row
+
     dln = result_sets(all_runs, "dln", False)["cpu-gaussian_regression"]
     medians = [r.series("ics/l2", 9).median() for r in select(dln, norm__name="batchnorm", optim__lr=1e-6)]
     row = f"| BatchNorm | 1e-06 | #9 | {np.mean(medians):.3g} ({min(medians):.3g}–{max(medians):.3g}) |"

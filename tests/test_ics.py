@@ -387,7 +387,8 @@ def test_layers_before_i_without_update_give_no_shift(kind, norm, noise):
 class OldStyleSGD(torch.optim.Optimizer):
     """What hand-written optimisers do and torch's own avoid: weight decay added into ``.grad`` in place
     (torch's SGD did, before 1.5), a step counter kept in the parameter group (as schedule-free optimisers
-    keep theirs), a state entry that appears only from the second step, and state tensors updated in place."""
+    keep theirs), a state entry and a group entry that appear only from the second step (timm's Lamb adds
+    its step count to the group at the first), and state tensors updated in place."""
 
     def __init__(self, params, lr: float, weight_decay: float):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "steps_taken": 0})
@@ -396,6 +397,8 @@ class OldStyleSGD(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             group["steps_taken"] += 1
+            if group["steps_taken"] >= 2:
+                group["warmed_up"] = True
             for p in group["params"]:
                 d_p = p.grad.add_(p, alpha=group["weight_decay"])
                 state = self.state[p]
@@ -408,8 +411,9 @@ class OldStyleSGD(torch.optim.Optimizer):
 @pytest.mark.parametrize("use_grad_fields", [True, False], ids=["grad fields", "computing G"])
 def test_an_optimiser_that_writes_into_grad_and_its_groups_is_simulated_and_put_back(use_grad_fields):
     """W(t+1) is this optimiser's real step (bit for bit the naive scheme's), yet afterwards .grad (which the
-    step wrote into), the group's counter, the state's keys (the step added one) and the state's tensor
-    objects (the optimiser and anything holding them keep using those) are as they were."""
+    step wrote into), the group's counter and keys (the step added one), the state's keys (the step added
+    one) and the state's tensor objects (the optimiser and anything holding them keep using those) are as
+    they were."""
     model, loss_fn, batch = small_problem("mlp", "batchnorm")
     optimizer = OldStyleSGD(model.parameters(), lr=0.1, weight_decay=0.01)
     loss_fn(model(batch[0]), batch[1]).backward()
@@ -421,7 +425,18 @@ def test_an_optimiser_that_writes_into_grad_and_its_groups_is_simulated_and_put_
     fast = ics_gradients(model, loss_fn, batch, optimizer, model.layer_params(), use_grad_fields=use_grad_fields)
     assert_same(before, snapshot(model, optimizer))
     assert all(optimizer.state[p][k] is v for p, state in held.items() for k, v in state.items())
+    assert "warmed_up" not in optimizer.param_groups[0]
     assert_bit_for_bit(fast, brute_force_ics(model, loss_fn, batch, optimizer))
+
+
+def test_a_tensor_learning_rate_goes_back_as_the_same_tensor():
+    """A user who keeps the learning rate as a tensor and changes it in place (a schedule of their own)
+    must still reach the optimiser after a measurement."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    lr = torch.tensor(0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    measure_ics(model, loss_fn, batch, optimizer, model.layer_params())
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.01)
 
 
 class ResidualChain(ChainModel):

@@ -593,3 +593,110 @@ def test_the_loops_landscape_rows_are_the_probes_results():
                     for name, value in (("landscape/loss", loss), ("landscape/grad_diff", diff))] + [
         (7, "landscape/beta", pytest.approx(expected["beta"], rel=1e-9), None),
         (7, "landscape/grad_norm", pytest.approx(expected["grad_norm"], rel=1e-9), None)]
+
+
+class AttentionWithDropout(nn.Module):
+    """Token embeddings, self-attention with dropout on its weights, dropout, a linear read-out: a model
+    whose draws from torch's global generator come out differently under vmap (the attention's)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.attend = nn.MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+        self.drop = nn.Dropout(0.5)
+        self.read_out = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        return self.read_out(self.drop(self.attend(h, h, h, need_weights=False)[0]).mean(1))
+
+
+def test_a_model_drawing_random_numbers_is_not_batched(monkeypatch):
+    """Where batching would pay, ``auto`` still takes the loop for a model that draws from the global
+    generator, whether the probe computes g or reads it from .grad, and ``batched=True`` is refused: vmap
+    drew other attention-dropout masks than the pass behind g (a 1e-6 step then showed a gradient
+    difference of 0.26 against 4e-7)."""
+    monkeypatch.setattr("bnopt.probes.landscape.batching_pays_on", lambda devices, threads: True)
+    model, loss_fn = AttentionWithDropout(), nn.functional.cross_entropy
+    batch = (torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,)))
+    etas = [1e-6, 1e-2]
+    looped = probe_landscape(model, loss_fn, batch, etas, batched=False)
+    assert probe_landscape(model, loss_fn, batch, etas) == looped
+    state = random_state(model)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    from_grad = dict(use_grad_fields=True, rng_state=state)
+    looped_from_grad = probe_landscape(model, loss_fn, batch, etas, batched=False, **from_grad)
+    assert probe_landscape(model, loss_fn, batch, etas, **from_grad) == looped_from_grad
+    assert looped_from_grad["grad_diff"][0] < 1e-5 * looped_from_grad["grad_norm"]  # the training pass's masks
+    with pytest.raises(ValueError, match="draws from torch's global generator"):
+        probe_landscape(model, loss_fn, batch, etas, batched=True)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_direction_in_another_dtype_is_taken_in_the_parameters_dtype(batched):
+    """A direction built with numpy comes as float64; the float32 model moves along it as along its float32
+    rounding (batched, it used to fail on the mixed dtypes)."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    rng = np.random.default_rng(0)
+    direction = [torch.from_numpy(rng.standard_normal(tuple(p.shape))) for p in model.parameters()]
+    given = probe_landscape(model, loss_fn, batch, [0.05, 0.2], direction, batched=batched)
+    rounded = probe_landscape(model, loss_fn, batch, [0.05, 0.2], [d.float() for d in direction], batched=batched)
+    assert given == rounded
+
+
+class BagOfWords(nn.Module):
+    """Token embeddings averaged, then two linear layers: ``sparse`` embeddings give sparse gradients, and
+    ``max_norm`` renormalises the rows a forward pass looks up, in place."""
+
+    def __init__(self, sparse: bool = False, max_norm: float | None = None):
+        torch.manual_seed(0)
+        super().__init__()
+        self.embed = nn.Embedding(10, 8, sparse=sparse, max_norm=max_norm)
+        self.hidden = nn.Linear(8, 8)
+        self.read_out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.read_out(torch.relu(self.hidden(self.embed(tokens).mean(1))))
+
+    def layer_params(self) -> list[list[nn.Parameter]]:
+        return [list(self.embed.parameters()), list(self.hidden.parameters()), list(self.read_out.parameters())]
+
+
+BAG_BATCH = (torch.randint(0, 10, (16, 5), generator=torch.Generator().manual_seed(1)),
+             torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2)))
+
+
+def test_sparse_gradients_are_measured_as_their_dense_values(monkeypatch):
+    """ICS and the landscape of an embedding with sparse gradients equal those of the same model with dense
+    ones (to the rounding of the sparse step's other order of sums); ``auto`` does not batch them, which
+    vmap cannot."""
+    monkeypatch.setattr("bnopt.probes.landscape.batching_pays_on", lambda devices, threads: True)
+    loss_fn = nn.functional.cross_entropy
+    results = []
+    for sparse in (True, False):
+        model = BagOfWords(sparse=sparse)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        results.append((measure_ics(model, loss_fn, BAG_BATCH, optimizer, model.layer_params()),
+                        probe_landscape(model, loss_fn, BAG_BATCH, [0.1, 0.5])))
+    (ics_sparse, land_sparse), (ics_dense, land_dense) = results
+    assert ics_sparse[2]["l2"] > 0
+    for a, b in zip(ics_sparse, ics_dense, strict=True):
+        assert (a["l2"], a["cos"]) == pytest.approx((b["l2"], b["cos"]), rel=1e-5, abs=1e-9)
+    for key in ("loss", "grad_diff"):
+        np.testing.assert_allclose(land_sparse[key], land_dense[key], rtol=1e-5)
+
+
+def test_an_embedding_renormalising_its_weight_is_left_as_it_was():
+    """``max_norm`` rescales, in place, the rows a forward pass looks up: a probe's own passes must not
+    leave the model so (a fresh model's rows here have norms up to about 4, against a max_norm of 1)."""
+    model = BagOfWords(max_norm=1.0)
+    loss_fn = nn.functional.cross_entropy
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    before = snapshot(model, optimizer)
+    land = probe_landscape(model, loss_fn, BAG_BATCH, [0.1, 0.5], batched=False)
+    measure_ics(model, loss_fn, BAG_BATCH, optimizer, model.layer_params())
+    assert_same(before, snapshot(model, optimizer))
+    renormalised = copy.deepcopy(model)
+    renormalised(BAG_BATCH[0])  # what every pass of the probe sees: the looked-up rows rescaled
+    assert probe_landscape(renormalised, loss_fn, BAG_BATCH, [0.1, 0.5], batched=False) == land

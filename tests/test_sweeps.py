@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -245,6 +246,27 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, c
     final = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["model"]
     reference = torch.load(tmp_path / "reference/checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_a_signal_during_the_final_evaluation_lets_the_run_finish(tmp_path, monkeypatch):
+    """The run's signal handlers still hold for the evaluation and checkpoint after the last step: a SIGTERM
+    there (sent for real, once the handler is the run's) is noted and the run completes, where it used to
+    kill the process with its summary saying "running"."""
+    outside = signal.getsignal(signal.SIGTERM)
+    handlers = []
+    real_evaluate = bnopt.train.evaluate
+
+    def evaluate(model, data, batch_size, step, log):
+        handlers.append(signal.getsignal(signal.SIGTERM))
+        if step == 30 and handlers[-1] is not outside:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_evaluate(model, data, batch_size, step, log)
+
+    monkeypatch.setattr(bnopt.train, "evaluate", evaluate)
+    summary = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=30")
+    assert handlers[-1] is handlers[0] is not outside  # at step 30 as at step 0
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "completed"
 
 
 def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tmp_path, monkeypatch):

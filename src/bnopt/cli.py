@@ -4,7 +4,8 @@ User errors (a bad config value, a missing or damaged data set, a checkpoint of 
 directory, a run that another process is training) print one line and exit with status 2, no traceback. In a
 sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
 refused because its directory holds another run (another config, or a trainer at work) leaves that run's
-summary as it is.
+summary as it is. A signal that stops a job of a sweep run job by job (Hydra's default launcher) stops the
+sweep too, with exit status 130.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -22,9 +24,10 @@ from omegaconf import DictConfig
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
-from bnopt.sweeps import gpu_slot, job_threads, limit_threads
+from bnopt.sweeps import gpu_slot, job_threads, limit_threads, write_index
 from bnopt.train import FINISHED, AnotherConfigError, ResumeError, train
 
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
                RunBusyError)
 log = logging.getLogger("bnopt")
@@ -48,8 +51,9 @@ def main(cfg: DictConfig) -> dict | None:
             # a local parallel sweep on a multi-GPU machine: one free GPU per job
             with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-locks", torch.cuda.device_count()) as gpu:
                 cfg.device = f"cuda:{gpu}"
-                return train(cfg, run_dir, job)
-        return train(cfg, run_dir, job)
+                summary = train(cfg, run_dir, job)
+        else:
+            summary = train(cfg, run_dir, job)
     except USER_ERRORS as err:
         about_the_directory = isinstance(err, (ResumeError, RunBusyError))  # "... choose another output directory"
         key = f" ({'hydra.sweep.dir' if in_sweep else 'hydra.run.dir'}=...)" if about_the_directory else ""
@@ -58,11 +62,27 @@ def main(cfg: DictConfig) -> dict | None:
             record_failure(run_dir, err, job)
         if not in_sweep:
             sys.exit(2)
+        return None
     except Exception:
         if not in_sweep:
             raise
         log.exception("job %s failed; the sweep goes on", run_dir)
-    return None
+        return None
+    if in_sweep and summary["status"] == "interrupted" and hydra_cfg.launcher._target_ == BASIC_LAUNCHER:
+        stop_sweep(Path(hydra_cfg.sweep.dir), run_dir)
+    return summary
+
+
+def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:
+    """A signal stopped this job (a first Ctrl-C, or SIGTERM), and the sweep's next jobs would run in this
+    same process: they are not started, as a signal to a single run ends the command. The index is written
+    here (the callback that writes it when a sweep ends does not run), and the exit status is 130, a shell's
+    for an interrupted command. Other launchers are left to themselves: a job ends ``interrupted`` there, and
+    a joblib pool may still start the jobs it has queued."""
+    print(f"{run_dir}: interrupted, so the sweep stops here; run the same command again to continue it",
+          file=sys.stderr)
+    print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
+    sys.exit(130)
 
 
 def record_failure(run_dir: Path, err: Exception, job: dict) -> None:

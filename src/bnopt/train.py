@@ -93,7 +93,6 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     if checkpoint is not None and checkpoint["status"] in FINISHED:
         print(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
         return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
-    run.write_config(cfg)
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
     device = resolve_device(cfg.device)
@@ -111,6 +110,9 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed,
                           augment=cfg.data.get("augment", False), channels_last=cfg.train.channels_last)
     start = 0 if checkpoint is None else checkpoint["step"]
+    # Only now, with the config checked against the model and data: a command refused on the way must not
+    # relabel what a run killed before its first checkpoint left here (its metrics stay until one starts).
+    run.write_config(cfg)
     metrics = MetricsWriter(run.metrics, keep_before_step=None if checkpoint is None else start)
     log = metrics.log
     probes = build_probes(resolved["probes"], model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
@@ -183,11 +185,13 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
                 step += 1
                 bar.update()
             # -------------------------------------------------------------------------------------
-        loop_seconds = time.perf_counter() - t0
-        if status == "completed":
-            set_noise_step(model, step)
-            evaluate(model, data, eval_batch_size, step, log)
-        save_checkpoint(step, status)
+            loop_seconds = time.perf_counter() - t0
+            # Still under the handlers: a signal now lets the run finish (the last evaluation and
+            # checkpoint) rather than killing it with its summary saying "running".
+            if status == "completed":
+                set_noise_step(model, step)
+                evaluate(model, data, eval_batch_size, step, log)
+            save_checkpoint(step, status)
     except KeyboardInterrupt:
         summary["status"] = "interrupted"  # the last periodic checkpoint stays the resume point
         raise

@@ -126,9 +126,10 @@ def ics_gradients(
         starts = _layer_starts(stages, layers) if stages is not None else None
         if starts is not None:
             shifted = _shifted_gradients_chain(stages, starts, loss_fn, batch, obs, layers, which, updated)
-        if starts is None or obs.buffers_changed():
-            # A module that changes its buffers as it runs (a spectral norm's power iteration) needs every
-            # pass to start from the same state, which only the general path's full passes give.
+        if starts is None or obs.free_state_changed():
+            # A module that changes its state as it runs (a spectral norm's power iteration, an embedding
+            # renormalising its weight) needs every pass to start from the same state, which only the
+            # general path's full passes give.
             shifted = _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated)
     pairs = {}
     for i in which:
@@ -143,8 +144,8 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     if not pairs:
         return []
     sizes = [sum(t.numel() for t in g) for g, _ in pairs]
-    a = torch.cat([t.reshape(-1) for g, _ in pairs for t in g]).double()
-    b = torch.cat([t.reshape(-1) for _, g_shifted in pairs for t in g_shifted]).double()
+    a = torch.cat([_flat(t) for g, _ in pairs for t in g]).double()
+    b = torch.cat([_flat(t) for _, g_shifted in pairs for t in g_shifted]).double()
     a_parts, b_parts = a.split(sizes), b.split(sizes)
     l2, norm_a, norm_b = (per_tensor_norms(v) for v in ((a - b).split(sizes), a_parts, b_parts))
     dots = torch.stack([x @ y for x, y in zip(a_parts, b_parts)])
@@ -159,6 +160,11 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
             cos = float("nan")
         out.append((l2_i, cos))
     return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A gradient as one dense vector (an embedding with ``sparse=True`` gives sparse ones)."""
+    return (t if t.layout == torch.strided else t.to_dense()).reshape(-1)
 
 
 def _stages(model: nn.Module) -> list[nn.Module] | None:

@@ -11,8 +11,10 @@ is faster depends on the model and device (measured by ``scripts/benchmark.py``,
 on a CPU with two threads the batched form pays for the deep linear network, is about even for the MLP
 (either way round between torch versions) and loses for VGG; on one thread, as the recipes' jobs run, it
 loses for all three. On a GPU (an H200) it pays for the MLP and the DLN and loses for VGG. So
-``batched="auto"`` picks it for conv-free models on CUDA, and on CPU with more than one thread.
-The two agree to float rounding, not bit for bit.
+``batched="auto"`` picks it for conv-free models on CUDA, and on CPU with more than one thread, unless
+the model draws from torch's global generator (dropout): under ``vmap`` those draws can differ from a
+plain pass's (attention's dropout does), so such a model takes the loop, and ``batched=True`` is refused
+for it. The two agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from bnopt.probes.observation import (
-    RandomState, current_gradient, has_free_buffers, loss_at, observation, parameters_at, per_tensor_norms,
+    RandomState, current_gradient, free_state, loss_at, observation, parameters_at, per_tensor_norms,
     zeros_where_missing,
 )
 
@@ -63,11 +65,17 @@ def probe_landscape(
         if not shapes_match:
             raise ValueError("direction must hold one tensor per trainable parameter, shaped like it, "
                              "in model.parameters() order")
-        direction = [d.detach() for d in direction]
-    if batched == "auto":
-        batched = vmap_pays(model)
+        # In the parameters' dtype: a direction built with numpy comes as float64.
+        direction = [d.detach().to(dtype=p.dtype, device=p.device) for d, p in zip(direction, params)]
     with observation(model, rng_state) as obs:
         g = zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params, use_grad_fields), params)
+        draws = obs.drawn_since_start()
+        if batched == "auto":
+            batched = vmap_pays(model) and not draws
+        elif batched and draws:
+            raise ValueError("batched=True, but the model draws from torch's global generator (dropout), and "
+                             "under vmap its draws can differ from those behind the gradient (attention's dropout "
+                             "does): use batched=False, or 'auto'")
         d = g if direction is None else direction
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
@@ -97,13 +105,16 @@ def _combined_norms(rows: torch.Tensor) -> list[float]:
 
 def vmap_pays(model: nn.Module) -> bool:
     """The measured rule (``scripts/benchmark.py``): batch the evaluations of networks without convolutions
-    where that was faster, unless a module keeps buffers outside normalisation's switch, which a pass may
-    change (a spectral norm's power iteration): ``vmap`` may fail on such writes, and the loop puts them
-    back between passes. (Noisy layers batch: their draws come from their own generator, the same at every
-    eta.)"""
+    where that was faster, unless a module keeps tensors a pass may change (:func:`free_state`: a spectral
+    norm's power iteration, an embedding's ``max_norm``): ``vmap`` may fail on such writes, and the loop
+    puts them back between passes; nor where gradients come back sparse (an embedding with
+    ``sparse=True``), which ``vmap`` cannot batch. (Noisy layers batch: their draws come from their own
+    generator, the same at every eta. Whether the model draws from the global one,
+    :func:`probe_landscape` sees from its passes.)"""
     devices = {p.device.type for p in model.parameters()}
     return (batching_pays_on(devices, torch.get_num_threads())
-            and not any(isinstance(m, nn.Conv2d) or has_free_buffers(m) for m in model.modules()))
+            and not any(isinstance(m, nn.Conv2d) or free_state(m) or vars(m).get("sparse") is True
+                        for m in model.modules()))
 
 
 def batching_pays_on(devices: set[str], threads: int) -> bool:

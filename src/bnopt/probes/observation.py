@@ -3,10 +3,10 @@
 :func:`observation` puts a model in the measuring state — train-mode normalisation with batch statistics,
 no running-statistics updates, full fp32 (no TF32), cuDNN's deterministic algorithms — and on exit restores
 every module's mode and flags, the global flags, every buffer, and the global random-number state (CPU and
-the model's CUDA device). Inside,
-:meth:`Observation.replay` rewinds the random state and any buffer a pass may change before each forward pass,
-so that every pass of one measurement sees the same random draws (dropout masks, or anything else drawn
-from torch's global generator) and the same module state (a spectral norm's power-iteration vectors, say).
+the model's CUDA device). Inside, :meth:`Observation.replay` rewinds the random state and any buffer (or
+renormalised embedding weight) a pass may change before each forward pass, so that every pass of one
+measurement sees the same random draws (dropout masks, or anything else drawn from torch's global
+generator) and the same module state (a spectral norm's power-iteration vectors, say).
 
 The parameters' tensors are never written by the measurements; the ICS probe's simulated optimiser step
 points the parameters at copies and sets ``.grad``, and puts both back itself, with the parameters' version
@@ -25,26 +25,27 @@ import torch.optim.optimizer as optimizer_module  # the global step hooks (the p
 from torch import nn
 
 
-class FreeBuffers:
-    """The buffers of modules without the ``track_running_stats`` switch, which a forward pass may change
-    in place (through ``.data`` too, which version counters do not see) or by reassignment: saved on
-    entry, put back where they differ. Compared, not copied blindly: writing an unchanged buffer would bump
-    its version counter and break a graph the caller built before measuring. The paper's networks have none."""
+class FreeState:
+    """The tensors a forward pass may change in place (through ``.data`` too, which version counters do not
+    see) or by reassignment: the buffers of modules without the ``track_running_stats`` switch, and the
+    weight of an embedding with ``max_norm``, which it renormalises. Saved on entry, put back where they
+    differ. Compared, not copied blindly: writing an unchanged tensor would bump its version counter and
+    break a graph the caller built before measuring. The paper's networks have none."""
 
     def __init__(self, modules: Sequence[nn.Module]):
-        self._saved = [(m, name, b, b.detach().clone())
-                       for m in modules if has_free_buffers(m) for name, b in m._buffers.items() if b is not None]
+        self._saved = [(store, name, store[name], store[name].detach().clone())
+                       for m in modules for store, name in free_state(m)]
 
     def changed(self) -> bool:
-        return any(m._buffers.get(name) is not b or not torch.equal(b, saved) for m, name, b, saved in self._saved)
+        return any(store.get(name) is not t or not torch.equal(t, saved) for store, name, t, saved in self._saved)
 
     @torch.no_grad()
     def restore(self) -> None:
-        for m, name, b, saved in self._saved:
-            if m._buffers.get(name) is not b:
-                m._buffers[name] = b
-            if not torch.equal(b, saved):
-                b.copy_(saved)
+        for store, name, t, saved in self._saved:
+            if store.get(name) is not t:
+                store[name] = t
+            if not torch.equal(t, saved):
+                t.copy_(saved)
 
 
 def has_switch(module: nn.Module) -> bool:
@@ -56,9 +57,14 @@ def has_switch(module: nn.Module) -> bool:
     return "track_running_stats" in vars(module) and not isinstance(module, nn.modules.instancenorm._InstanceNorm)
 
 
-def has_free_buffers(module: nn.Module) -> bool:
-    """Whether ``module`` has buffers of its own that a forward pass may change: any, without the switch."""
-    return bool(module._buffers) and not has_switch(module)
+def free_state(module: nn.Module) -> list[tuple[dict, str]]:
+    """Where ``module`` keeps tensors of its own that a forward pass may change, as (its ``_buffers`` or
+    ``_parameters``, name): every buffer, without the switch; an embedding's weight, with ``max_norm``."""
+    places = ([] if not module._buffers or has_switch(module)
+              else [(module._buffers, name) for name, b in module._buffers.items() if b is not None])
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+        places.append((module._parameters, "weight"))
+    return places
 
 
 RandomState = tuple[torch.Tensor, list[torch.Tensor]]
@@ -77,9 +83,9 @@ def _position(devices: list[int]) -> RandomState:
 
 
 class Observation:
-    def __init__(self, devices: list[int], buffers: FreeBuffers, start: RandomState | None):
+    def __init__(self, devices: list[int], free: FreeState, start: RandomState | None):
         self._devices = devices
-        self._buffers = buffers
+        self._free = free
         self._start = self.position() if start is None else start
         if len(self._start[1]) != len(devices):
             raise ValueError(f"rng_state holds the random state of {len(self._start[1])} CUDA devices, the "
@@ -97,13 +103,20 @@ class Observation:
             torch.cuda.set_rng_state(state, device)
 
     def replay(self) -> None:
-        """Rewind the global random state and the free buffers to where the measurement started."""
+        """Rewind the global random state and the free state to where the measurement started."""
         self.rewind(self._start)
-        self._buffers.restore()
+        self._free.restore()
 
-    def buffers_changed(self) -> bool:
-        """Whether a pass since the last :meth:`replay` changed a buffer."""
-        return self._buffers.changed()
+    def drawn_since_start(self) -> bool:
+        """Whether the global generator has moved from where every pass starts. Asked after the pass behind the
+        measurement's gradient (its own pass, or the training pass ``rng_state`` was taken before, when it
+        reads ``.grad``), it tells whether the model draws random numbers (dropout)."""
+        (cpu, cuda), (start_cpu, start_cuda) = self.position(), self._start
+        return not torch.equal(cpu, start_cpu) or any(not torch.equal(a, b) for a, b in zip(cuda, start_cuda))
+
+    def free_state_changed(self) -> bool:
+        """Whether a pass since the last :meth:`replay` changed a tensor of :class:`FreeState`."""
+        return self._free.changed()
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -125,9 +138,9 @@ def observation(model: nn.Module, rng_state: RandomState | None = None) -> Itera
     # Module.__setattr__, microseconds each, and between backward and step every module is training anyway.
     in_eval = [m for m in modules if not m.training]
     # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
-    # buffers are saved and put back, whatever it does with them.
+    # buffers are saved and put back, whatever it does with them (and so is what an embedding renormalises).
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
-    buffers = FreeBuffers(modules)
+    free = FreeState(modules)
     devices = _cuda_devices(model)
     cudnn = torch.backends.cudnn
     with torch.random.fork_rng(devices=devices), float32_settings_restored():
@@ -143,13 +156,13 @@ def observation(model: nn.Module, rng_state: RandomState | None = None) -> Itera
             for m in tracking:
                 m.track_running_stats = False
             with torch.enable_grad():
-                yield Observation(devices, buffers, rng_state)
+                yield Observation(devices, free, rng_state)
         finally:
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
                 m.track_running_stats = flag
-            buffers.restore()
+            free.restore()
 
 
 @contextlib.contextmanager
@@ -221,8 +234,24 @@ def zeros_where_missing(grads: Sequence[torch.Tensor | None], params: Sequence[n
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _snapshot(value):
-    return value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
+def _saved(entries: dict) -> dict:
+    """Each entry's object and a copy of what it holds now, for :func:`_put_back`."""
+    return {k: (v, v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in entries.items()}
+
+
+def _put_back(entries: dict, saved: dict, keep: str | None = None) -> None:
+    """Make ``entries`` (an optimiser's state for one parameter, or a parameter group) what it was when
+    :func:`_saved` saw it: keys added since are dropped (an optimiser counting its steps in the group, say),
+    and tensors go back as the same objects, refilled, since the optimiser or the user may hold them (a
+    tensor learning rate). Other values go back as their copies. ``keep`` names a key left alone."""
+    for k in set(entries) - set(saved) - {keep}:
+        del entries[k]
+    for k, (value, copied) in saved.items():
+        if torch.is_tensor(value) and value.shape == copied.shape and value.dtype == copied.dtype:
+            value.copy_(copied)
+            entries[k] = value
+        else:
+            entries[k] = copied
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
@@ -264,8 +293,8 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
     saved_versions = [p._version for p in owned]
     saved_data = [p.data for p in owned]
     saved_grads = [p.grad for p in owned]
-    saved_state = {p: {k: _snapshot(v) for k, v in s.items()} for p, s in optimizer.state.items()}
-    saved_groups = [{k: _snapshot(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    saved_state = {p: _saved(s) for p, s in optimizer.state.items()}
+    saved_groups = [_saved({k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
     given = dict(zip(params, grads))
     try:
         for p in owned:
@@ -287,16 +316,9 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
             if p not in saved_state:
                 del optimizer.state[p]
         for p, state in saved_state.items():
-            current = optimizer.state[p]
-            for k in set(current) - set(state):
-                del current[k]
-            for k, v in state.items():
-                if torch.is_tensor(v) and torch.is_tensor(current.get(k)) and current[k].shape == v.shape:
-                    current[k].copy_(v)  # keep the tensor objects the optimiser holds
-                else:
-                    current[k] = v
+            _put_back(optimizer.state[p], state)
         for group, saved in zip(optimizer.param_groups, saved_groups):
-            group.update(saved)
+            _put_back(group, saved, keep="params")
 
 
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
