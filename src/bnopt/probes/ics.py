@@ -29,8 +29,8 @@ from torch import nn
 
 from bnopt.models import ChainModel
 from bnopt.probes.observation import (
-    RandomState, current_gradient, loss_at, observation, optimizer_parameters, parameters_at, per_tensor_norms,
-    simulate_optimizer_step, zeros_where_missing,
+    RandomState, current_gradient, dense, loss_at, observation, optimizer_parameters, parameters_at,
+    per_tensor_norms, simulate_optimizer_step, zeros_where_missing,
 )
 
 
@@ -144,8 +144,8 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     if not pairs:
         return []
     sizes = [sum(t.numel() for t in g) for g, _ in pairs]
-    a = torch.cat([_flat(t) for g, _ in pairs for t in g]).double()
-    b = torch.cat([_flat(t) for _, g_shifted in pairs for t in g_shifted]).double()
+    a = torch.cat([dense(t).reshape(-1) for g, _ in pairs for t in g]).double()
+    b = torch.cat([dense(t).reshape(-1) for _, g_shifted in pairs for t in g_shifted]).double()
     a_parts, b_parts = a.split(sizes), b.split(sizes)
     l2, norm_a, norm_b = (per_tensor_norms(v) for v in ((a - b).split(sizes), a_parts, b_parts))
     dots = torch.stack([x @ y for x, y in zip(a_parts, b_parts)])
@@ -160,11 +160,6 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
             cos = float("nan")
         out.append((l2_i, cos))
     return out
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A gradient as one dense vector (an embedding with ``sparse=True`` gives sparse ones)."""
-    return (t if t.layout == torch.strided else t.to_dense()).reshape(-1)
 
 
 def _stages(model: nn.Module) -> list[nn.Module] | None:

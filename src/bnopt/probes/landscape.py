@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bnopt.probes.observation import (
-    RandomState, current_gradient, free_state, loss_at, observation, parameters_at, per_tensor_norms,
+    RandomState, current_gradient, dense, free_state, loss_at, observation, parameters_at, per_tensor_norms,
     zeros_where_missing,
 )
 
@@ -68,7 +68,9 @@ def probe_landscape(
         # In the parameters' dtype: a direction built with numpy comes as float64.
         direction = [d.detach().to(dtype=p.dtype, device=p.device) for d, p in zip(direction, params)]
     with observation(model, rng_state) as obs:
-        g = zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params, use_grad_fields), params)
+        # Dense: the step sizes' gradients are compared with it (and a sparse optimiser is not stepped here).
+        g = [dense(t) for t in zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params,
+                                                                    use_grad_fields), params)]
         draws = obs.drawn_since_start()
         if batched == "auto":
             batched = vmap_pays(model) and not draws
@@ -140,7 +142,7 @@ def _evaluate_loop(model, loss_fn, batch, obs, named, g, d, etas):
             loss = loss_at(model, loss_fn, batch, obs)
             grad = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
             # Not in place: autograd may hand back a broadcast view (a parameter used through .sum()).
-            diff_norms.append(per_tensor_norms(torch._foreach_sub(list(grad), g)))
+            diff_norms.append(per_tensor_norms(torch._foreach_sub([dense(t) for t in grad], g)))
             losses.append(float(loss.detach()))
     return losses, torch.stack(diff_norms)
 

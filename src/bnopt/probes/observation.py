@@ -234,6 +234,12 @@ def zeros_where_missing(grads: Sequence[torch.Tensor | None], params: Sequence[n
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """A gradient with its values laid out in full (an embedding with ``sparse=True`` gives sparse ones, which
+    older torch cannot take a norm of)."""
+    return t if t.layout == torch.strided else t.to_dense()
+
+
 def _saved(entries: dict) -> dict:
     """Each entry's object and a copy of what it holds now, for :func:`_put_back`."""
     return {k: (v, v.detach().clone() if torch.is_tensor(v) else copy.deepcopy(v)) for k, v in entries.items()}
