@@ -192,6 +192,27 @@ def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tm
     plt.close("all")
 
 
+def test_a_distribution_narrower_than_one_cell_of_the_density_image_still_shows(tmp_path):
+    """The image's cells span the spread of all measurements; one measurement much narrower than a cell (an
+    unnormalised layer at step 0: 0.01 wide, against cells of 0.06 in our Fig. 14) used to fall between the
+    cells' centres and show as an empty column. Its mass now fills the cell that holds it."""
+    run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
+    path = run_dir / "activations.npz"
+    with np.load(path) as saved:
+        arrays = {key: saved[key] for key in saved.files}
+    first = np.flatnonzero(arrays["layer"] == 1)[0]
+    arrays["edges"][first] = np.linspace(-0.005, 0.005, arrays["edges"].shape[1])
+    np.savez_compressed(path, **arrays)
+    ax = plt.figure().gca()
+    assert density_image(ax, load_runs([run_dir]), 1, "narrow first")
+    image = np.asarray(ax.get_images()[0].get_array())
+    _, _, low, high = ax.get_images()[0].get_extent()
+    grid = np.linspace(low, high, image.shape[0] + 1)
+    assert (image.max(axis=0) == 1).all()  # every measurement shows, each scaled to its own peak
+    assert image[np.searchsorted(grid, 0.0) - 1, 0] == 1  # the narrow one, in the cell holding its values
+    plt.close("all")
+
+
 def test_one_figure_per_result_set(all_runs, tmp_path):
     extra = fake_run(tmp_path / "smoke", "vgg", "batchnorm", 0.1)
     more = load_runs([extra])
@@ -460,6 +481,39 @@ def test_the_moment_quantile_and_learning_rate_panels_plot_the_runs_values(all_r
             (points,) = [c.lines[0] for c in ax.containers if c.get_label() == LABELS[norm]]
             np.testing.assert_allclose(np.asarray(points.get_xdata(), dtype=float), by_lr.index)
             np.testing.assert_allclose(np.asarray(points.get_ydata(), dtype=float), by_lr.values, rtol=1e-12)
+    plt.close("all")
+
+
+def panel_data(ax) -> list[np.ndarray]:
+    """What a panel shows: its lines' points and its images' pixels."""
+    return ([np.asarray(line.get_xydata(), dtype=float) for line in ax.get_lines()]
+            + [np.asarray(image.get_array()) for image in ax.get_images()])
+
+
+def test_single_run_panels_take_the_first_run_with_the_probe(all_runs, tmp_path):
+    """A setting's runs may include some made without probes (``+experiment=vgg_bn norm=batchnorm`` beside a
+    figure's runs). One of those sorting first used to blank Fig. 2's BatchNorm band and crash Fig. 7
+    (IndexError), which stopped ``make_figures.py all`` there. With such runs first, every panel drawn from
+    one run's probe rows shows what it shows without them."""
+    vgg = result_sets(all_runs, "vgg", False)["cpu-fashion_mnist"]
+    mlp = result_sets(all_runs, "mlp", False)["cpu-fashion_mnist"]
+    bare = load_runs([fake_run(tmp_path, "vgg", norm, 0.1, experiment="vgg_bn", probes=False)
+                      for norm in ("none", "batchnorm", "noisy_batchnorm", "lp1", "lp2", "lpinf")]
+                     + [fake_run(tmp_path, "mlp", norm, 0.5, experiment="mnist_bn", probes=False)
+                        for norm in ("none", "batchnorm")])
+    dln = result_sets(all_runs, "dln", False)["cpu-gaussian_regression"]
+    plain = {"vgg": vgg, "mlp": mlp, "dln": dln}
+    mixed = {"vgg": select(bare, model__name="vgg") + vgg, "mlp": select(bare, model__name="mlp") + mlp, "dln": dln}
+    panels = {"1": lambda axes: axes[2:], "2": lambda axes: axes[1:], "7": lambda axes: axes,
+              "10": lambda axes: axes[:2], "14": lambda axes: axes, "is1": lambda axes: axes[1:]}
+    for key, chosen in panels.items():
+        expected = [panel_data(ax) for ax in chosen(FIGURES[key].draw(plain, Missing()).axes)]
+        drawn = [panel_data(ax) for ax in chosen(FIGURES[key].draw(mixed, Missing()).axes)]
+        assert any(len(panel) for panel in expected), key
+        for want, got in zip(expected, drawn, strict=True):
+            assert len(want) == len(got), key
+            for a, b in zip(want, got):
+                np.testing.assert_array_equal(a, b)
     plt.close("all")
 
 

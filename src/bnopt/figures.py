@@ -77,11 +77,17 @@ def curve(ax, runs: list[Run], metric: str, color, label: str, layer: int | None
         ax.set_yscale("log")
 
 
+def first_logging(runs: list[Run], prefix: str) -> Run | None:
+    """The first run (the first seed) that logged a metric whose name starts with ``prefix``: a setting's runs
+    may include some made without that probe (``+experiment=vgg_bn norm=none`` next to Fig. 1's runs)."""
+    return next((r for r in runs if r.metrics.name.str.startswith(prefix).any()), None)
+
+
 def quantile_band(ax, runs: list[Run], layer: int, color, label: str) -> None:
     """The 15-85% band and the median of one unit's input to the non-linearity (first seed)."""
-    if not runs:
+    run = first_logging(runs, "act/q")
+    if run is None:
         return
-    run = runs[0]
     names = sorted({n for n in run.metrics.name.unique() if n.startswith("act/q")}, key=lambda n: float(n[5:]))
     if len(names) < 2:
         return
@@ -95,8 +101,9 @@ def quantile_band(ax, runs: list[Run], layer: int, color, label: str) -> None:
 
 def density_image(ax, runs: list[Run], layer: int, title: str) -> bool:
     """The histograms of ``activations.npz`` as an image: step across, activation value up, density as
-    colour, each step scaled to its own peak so that narrow and wide distributions both show (first seed)."""
-    saved = runs[0].activations() if runs else None
+    colour, each step scaled to its own peak so that narrow and wide distributions both show (the first seed
+    with histograms)."""
+    saved = next((a for a in (r.activations() for r in runs) if a is not None), None)
     # a measurement whose values were all NaN or inf (a run diverging) has no histogram to show
     drawable = (saved["layer"] == layer) & np.isfinite(saved["edges"]).all(axis=1) if saved is not None else None
     if saved is None or not drawable.any():
@@ -108,9 +115,9 @@ def density_image(ax, runs: list[Run], layer: int, title: str) -> bool:
     grid = np.linspace(low, high, 121)
     image = np.zeros((len(grid) - 1, len(rows)))
     for j, (c, e) in enumerate(zip(counts, edges)):
-        centres = (e[:-1] + e[1:]) / 2
-        density = c / max(c.sum(), 1) / np.diff(e)
-        column = np.interp((grid[:-1] + grid[1:]) / 2, centres, density, left=0, right=0)
+        # Each grid cell gets the histogram's mass inside it (uniform within a bin), not the density at
+        # its centre: a distribution narrower than one cell would fall between centres and show as empty.
+        column = np.diff(np.interp(grid, e, np.concatenate([[0], np.cumsum(c)])))
         image[:, j] = column / column.max() if column.max() > 0 else column
     ax.imshow(image, origin="lower", aspect="auto", cmap="magma",
               extent=(steps.min(), steps.max(), grid[0], grid[-1]))
@@ -287,10 +294,12 @@ def fig_7(sets, missing):
     titles = ["|μ(t+1) − μ(t)|", "|σ²(t+1) − σ²(t)|", "μ(t) − μ(0)", "σ²(t) − σ²(0)"]
     for i, layer in enumerate(layers):
         for norm in norms:
-            if not runs[norm]:
+            run = first_logging(runs[norm], "act/mean")
+            if run is None:
                 continue
-            mean = runs[norm][0].series("act/mean", layer)
-            var = runs[norm][0].series("act/var", layer)
+            mean, var = run.series("act/mean", layer), run.series("act/var", layer)
+            if mean.empty or var.empty:  # not this layer's: the run's probe recorded others
+                continue
             for ax, s in zip(axes[i], (mean.diff().abs(), var.diff().abs(), mean - mean.iloc[0], var - var.iloc[0])):
                 ax.plot(s.index, s.values, color=COLORS[norm], lw=1, label=LABELS[norm])
         for ax, t in zip(axes[i], titles):
@@ -330,9 +339,10 @@ def fig_10(sets, missing):
             ax = axes[k]
             k += 1
             ax.set_title(f"{model.upper()}, {LABELS[norm]}", fontsize=9)
-            if not runs:
+            run = first_logging(runs, "landscape/grad_diff")
+            if run is None:
                 continue
-            rows = runs[0].metrics[runs[0].metrics.name == "landscape/grad_diff"]
+            rows = run.metrics[run.metrics.name == "landscape/grad_diff"]
             steps = np.sort(rows.step.unique())
             snapshots = steps[np.unique(np.linspace(0, len(steps) - 1, min(50, len(steps))).round().astype(int))]
             colours = plt.cm.viridis(np.linspace(0, 1, len(snapshots)))
@@ -394,10 +404,11 @@ def fig_is1(sets, missing):
         curve(axes[0], rs, "test/acc", COLORS[norm], LABELS[norm])
     axes[0].set_title("(a) test accuracy")
     for ax, norm, tag in ((axes[1], "none", "(b) without BN"), (axes[2], "batchnorm", "(c) with BN")):
-        layer = runs[norm][0].get("probes.activations.layers", (3,))[-1] if runs[norm] else 3
+        run = first_logging(runs[norm], "act/q")
+        layer = run.get("probes.activations.layers", (3,))[-1] if run else 3
         for name, style in (("act/q15", ":"), ("act/q50", "-"), ("act/q85", ":")):
-            if runs[norm]:
-                s = runs[norm][0].series(name, layer)
+            if run:
+                s = run.series(name, layer)
                 ax.plot(s.index, s.values, style, color=COLORS[norm], label=name[5:] + "th percentile")
         ax.set_title(f"{tag}: one sigmoid input of layer #{layer}")
     finish(fig, axes, "Ioffe & Szegedy, Fig. 1 — with BN, test accuracy rises faster and the input distribution "
