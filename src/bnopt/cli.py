@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
-from bnopt.sweeps import gpu_slot, job_threads, limit_threads, write_index
+from bnopt.sweeps import announce_index, gpu_slot, job_threads, limit_threads
 from bnopt.train import FINISHED, AnotherConfigError, ResumeError, train
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
@@ -81,7 +81,7 @@ def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:
     a joblib pool may still start the jobs it has queued."""
     print(f"{run_dir}: interrupted, so the sweep stops here; run the same command again to continue it",
           file=sys.stderr)
-    print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
+    announce_index(sweep_dir)
     sys.exit(130)
 
 

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnopt.rundir import OutputDirError, RunDirectory
-from bnopt.sweeps import write_index
+from bnopt.sweeps import announce_index
 from bnopt.train import identity_differences
 
 
@@ -43,7 +43,7 @@ class SweepIndex(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
+            announce_index(sweep_dir)
 
 
 class RefusedJobs(Callback):

@@ -12,6 +12,7 @@ import csv
 import fcntl
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -139,3 +140,9 @@ def write_index(sweep_dir: Path, warn=print) -> Path:
         writer.writerows(index_rows(sweep_dir, warn))
     os.replace(tmp, path)
     return path
+
+
+def announce_index(sweep_dir: Path) -> None:
+    """:func:`write_index`, naming the file on stdout and the runs it cannot read on stderr: what a sweep
+    prints when it ends, or when a signal stops it."""
+    print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
