@@ -18,7 +18,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bnopt.figures import LABELS, LP_VARIANTS, result_sets  # noqa: E402
+from bnopt.figures import LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_sets  # noqa: E402
 from bnopt.results import Run, committed_result_dirs, load_runs, select  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,18 +91,19 @@ def activation_stability(runs: list[Run]) -> str:
     for name, vgg in each_set(runs, "vgg"):
         rows = []
         for norm in ("none", "batchnorm", "noisy_batchnorm"):
-            chosen = select(vgg, norm__name=norm, optim__lr=0.1)
+            run = first_logging(select(vgg, norm__name=norm, optim__lr=0.1), "act/mean")
             for layer in (2, 9, 13):
-                if not chosen:
+                if run is None:
                     continue
-                mean, var = chosen[0].series("act/mean", layer), chosen[0].series("act/var", layer)
+                mean, var = run.series("act/mean", layer), run.series("act/var", layer)
                 if not len(mean):
                     continue
-                rows.append([LABELS[norm], f"#{layer}", f"{mean.diff().abs().median():.3g}",
+                rows.append([LABELS[norm], f"#{layer}", measurement_spacing(mean.index),
+                             f"{mean.diff().abs().median():.3g}",
                              f"{var.diff().abs().median():.3g}", f"{(mean - mean.iloc[0]).abs().max():.3g}",
                              f"{(var - var.iloc[0]).abs().max():.3g}"])
-        out.append(f"**Activation moments** (one unit, measurements 100 steps apart; {name}):\n\n" + table(
-            ["variant", "layer", "median |Δμ|", "median |Δσ²|", "max |μ(t) − μ(0)|", "max |σ²(t) − σ²(0)|"], rows))
+        out.append(f"**Activation moments** (one unit, between consecutive measurements; {name}):\n\n" + table(
+            ["variant", "layer", "measurements", "median |Δμ|", "median |Δσ²|", "max |μ(t) − μ(0)|", "max |σ²(t) − σ²(0)|"], rows))
     return "\n\n".join(out)
 
 
@@ -193,7 +194,7 @@ def mlp(runs: list[Run]) -> str:
             chosen = select(rs, norm__name=norm)
             if not chosen:
                 continue
-            run = chosen[0]
+            run = first_logging(chosen, "act/q") or chosen[0]  # the first seed that recorded the activations
             acc = run.series("test/acc")
             at = {s: (f"{acc.loc[s]:.3f}" if s in acc.index else "–") for s in (1000, 5000, 10000, 50000)}
             layer = run.get("probes.activations.layers", (3,))[-1]

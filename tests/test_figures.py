@@ -14,7 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from bnopt.figures import (
-    FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, result_sets, setting_note,
+    FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, measurement_spacing, result_sets,
+    setting_note,
 )
 from bnopt.results import Run, RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
 from bnopt.rundir import METRICS_HEADER
@@ -514,7 +515,21 @@ def test_single_run_panels_take_the_first_run_with_the_probe(all_runs, tmp_path)
             assert len(want) == len(got), key
             for a, b in zip(want, got):
                 np.testing.assert_array_equal(a, b)
+    report = report_module()
+    for table in (report.activation_stability, report.mlp):  # the report's tables of one run's probe rows
+        assert table(all_runs) == table(bare + all_runs), table.__name__
     plt.close("all")
+
+
+def test_the_moments_spacing_is_read_from_the_runs(all_runs):
+    """Fig. 7's title and the report's moments table say how far apart the measurements are, from the rows:
+    the fixture's probes record every 50 steps (the paper's 100 would be wrong here)."""
+    vgg = result_sets(all_runs, "vgg", False)["cpu-fashion_mnist"]
+    assert "(50 steps apart)" in FIGURES["7"].draw({"vgg": vgg}, Missing())._suptitle.get_text()
+    moments = report_module().activation_stability(all_runs)
+    assert "| noisy BN | #13 | 50 steps apart |" in moments and "100" not in moments
+    assert measurement_spacing([0, 100, 200]) == "100 steps apart"
+    assert measurement_spacing([0, 4, 8, 9]) == "unevenly spaced" and measurement_spacing([5]) == "one measurement"
 
 
 def test_the_remaining_panels_plot_the_chosen_runs_metric_and_layer(all_runs):

@@ -83,6 +83,14 @@ def first_logging(runs: list[Run], prefix: str) -> Run | None:
     return next((r for r in runs if r.metrics.name.str.startswith(prefix).any()), None)
 
 
+def measurement_spacing(steps) -> str:
+    """How far apart a probe's measurements are, for a title: "100 steps apart", or "unevenly spaced"."""
+    gaps = np.unique(np.diff(np.asarray(steps)))
+    if len(gaps) == 1:
+        return f"{gaps[0]:g} steps apart"
+    return "unevenly spaced" if len(gaps) else "one measurement"
+
+
 def quantile_band(ax, runs: list[Run], layer: int, color, label: str) -> None:
     """The 15-85% band and the median of one unit's input to the non-linearity (first seed)."""
     run = first_logging(runs, "act/q")
@@ -292,6 +300,7 @@ def fig_7(sets, missing):
     layers = (2, 9, 13)
     fig, axes = plt.subplots(len(layers), 4, figsize=(16, 3 * len(layers)))
     titles = ["|μ(t+1) − μ(t)|", "|σ²(t+1) − σ²(t)|", "μ(t) − μ(0)", "σ²(t) − σ²(0)"]
+    spacings = set()
     for i, layer in enumerate(layers):
         for norm in norms:
             run = first_logging(runs[norm], "act/mean")
@@ -300,13 +309,15 @@ def fig_7(sets, missing):
             mean, var = run.series("act/mean", layer), run.series("act/var", layer)
             if mean.empty or var.empty:  # not this layer's: the run's probe recorded others
                 continue
+            spacings.add(measurement_spacing(mean.index))
             for ax, s in zip(axes[i], (mean.diff().abs(), var.diff().abs(), mean - mean.iloc[0], var - var.iloc[0])):
                 ax.plot(s.index, s.values, color=COLORS[norm], lw=1, label=LABELS[norm])
         for ax, t in zip(axes[i], titles):
             ax.set_title(f"layer #{layer}: {t}", fontsize=9)
         axes[i, 0].set_yscale("log")
         axes[i, 1].set_yscale("log")
-    finish(fig, axes, "Fig. 7 — moments of one unit's activation between measurements (100 steps apart)",
+    apart = f" ({spacings.pop()})" if len(spacings) == 1 else ""
+    finish(fig, axes, f"Fig. 7 — moments of one unit's activation between measurements{apart}",
            [setting_note(vgg)])
     return fig
 
