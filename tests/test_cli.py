@@ -80,6 +80,15 @@ from test_sweeps import read_index
     (["norm.kind=groupnorm"], "norm.kind"),
     (["norm=batchnorm", "norm.eps=0"], "norm.eps"),
     (["norm=batchnorm", "norm.momentum=1.5"], "norm.momentum"),
+    (["norm=batchnorm", "norm.momentum=0"], "norm.momentum"),  # evaluation would use the starting statistics
+    (["norm=lp1", "norm.p=2"], "norm.name"),  # an lp2 run that the figures would file under L1
+    (["norm=noisy_batchnorm", "norm.noise=null"], "norm.name"),
+    (["norm=none", "norm.kind=batchnorm", "+norm.eps=1e-5", "+norm.momentum=0.1"], "norm.name"),
+    (["model=mlp", "data=mnist", "norm=batchnorm", "train.batch_size=1"], "train.batch_size"),
+    (["+experiment=dln_bn", "norm=lp1", "train.batch_size=1"], "train.batch_size"),
+    (["+experiment=dln_bn", "+data.augment=true"], "data.augment"),
+    (["probes=[ics]", "+probes.ics.evry=5"], "probes.ics"),
+    (["train.steps=1e3"], "train.steps"),
     (["norm=noisy_batchnorm", "norm.noise.n_mu=-1"], "norm.noise.n_mu"),
     (["norm=noisy_batchnorm", "norm.noise.r_mu=-1"], "norm.noise.r_mu"),
     (["norm=noisy_batchnorm", "norm.noise.r_sigma=-1"], "norm.noise.r_sigma"),
@@ -118,6 +127,23 @@ def test_every_experiment_passes_the_checks_at_every_scale(experiment):
     """What a user runs must not stop at the checks: each experiment, as shipped, at each scale preset."""
     for scale in ("paper", "cpu", "smoke"):
         check_config(compose_config(f"+experiment={experiment}", f"scale={scale}"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["norm=batchnorm", "norm.momentum=1"],  # each evaluation with the last training batch's statistics
+    ["norm=lp1", "norm.p=2", "norm.name=lp2_from_lp1"],
+    ["norm=batchnorm", "train.batch_size=1"],  # VGG: a sample's spatial positions make its batch statistics
+    ["model=mlp", "data=mnist", "norm=noisy_none", "train.batch_size=1"],  # no statistics
+])
+def test_values_next_to_the_refused_ones_pass(overrides):
+    check_config(compose_config(*overrides))
+
+
+def test_the_deep_linear_network_trains_on_its_whole_data_set_whatever_its_size():
+    """Protocol section 2: full-batch gradient descent. A fixed batch of 1000 made a run with more samples
+    mini-batch SGD without a word."""
+    assert compose_config("+experiment=dln_bn", "data.n_samples=2000").train.batch_size == 2000
+    assert compose_config("+experiment=dln_bn").train.batch_size == 1000
 
 
 def test_a_probe_layer_that_does_not_exist_and_a_batch_larger_than_the_data_set():

@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bnopt.data import (
-    OFFICIAL_TRAIN_LABELS, BatchStream, DatasetNotFoundError, DatasetUnreadableError, find_idx_files, gaussian_regression,
-    load_cifar10, load_data, load_mnist_format, official_release, read_idx,
+    OFFICIAL_TEST_LABELS, OFFICIAL_TRAIN_LABELS, BatchStream, DatasetNotFoundError, DatasetUnreadableError, find_idx_files, gaussian_regression,
+    channel_statistics, load_cifar10, load_data, load_mnist_format, official_release, read_idx,
 )
 from bnopt.seeding import derived_seed
 from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
@@ -41,7 +41,11 @@ def _declare_float32_elements(path):
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage, reason", [(_cut_short, "truncated"),
+def _append_bytes(path):
+    path.write_bytes(path.read_bytes() + b"12345")
+
+
+@pytest.mark.parametrize("damage, reason", [(_cut_short, "truncated"), (_append_bytes, "5 bytes too long"),
                                             (_declare_float32_elements, "not an unsigned-byte IDX file")])
 def test_a_damaged_idx_file_is_refused(tmp_path, damage, reason):
     images, _ = labelled_images(5, (28, 28), seed=0)
@@ -93,6 +97,45 @@ def test_mnist_images_and_labels_of_different_sizes_are_refused(tmp_path):
         load_mnist_format("mnist", tmp_path, download=False)
 
 
+def test_mnist_files_that_are_not_one_data_sets_images_and_labels_are_refused(tmp_path):
+    """Files of the right names with other contents: test images of another size, or of another rank."""
+    write_mnist(tmp_path, n_train=30, n_test=20, gzipped=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", labelled_images(20, (32, 32), seed=0)[0], gzipped=False)
+    with pytest.raises(DatasetUnreadableError, match=r"MNIST: the training images .* are \(28, 28\) pixels, the "
+                                                     r"test images .* \(32, 32\): they are not one data set's"):
+        load_mnist_format("mnist", tmp_path, download=False)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", labelled_images(20, (3, 32, 32), seed=0)[0], gzipped=False)
+    with pytest.raises(DatasetUnreadableError, match=r"t10k-images-idx3-ubyte holds an array of shape "
+                                                     r"\(20, 3, 32, 32\) .* not images \(N, height, width\)"):
+        load_mnist_format("mnist", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_an_official_training_set_beside_other_test_files_is_refused(tmp_path, name):
+    """One release's training files next to another copy's test files would score the model on other data."""
+    write_official_lookalike(tmp_path / "data", name, test_labels=np.arange(10000, dtype=np.uint8) % 10)
+    with pytest.raises(DatasetUnreadableError, match="are the official release, but .*t10k-labels-idx1-ubyte.gz "
+                                                     "holds other test labels than the official ones"):
+        load_mnist_format(name, tmp_path / "data", download=False)
+    assert load_mnist_format(name, write_mnist(tmp_path / "own"), download=False)  # not a release: not checked
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist"])
+def test_labels_beyond_the_number_of_classes_are_refused(tmp_path, name, cifar_root, mnist_root):
+    root = cifar_root if name == "cifar10" else mnist_root
+    title = "CIFAR-10" if name == "cifar10" else "MNIST"
+    with pytest.raises(DatasetUnreadableError, match=f"{title}: its train labels range from 0 to 9, but "
+                                                     "data.num_classes=5 admits 0 to 4"):
+        load_data(data_cfg(name, root, num_classes=5), seed=0)
+
+
+def test_missing_mnist_file_is_named_with_its_directory(tmp_path):
+    write_mnist(tmp_path, n_train=30, n_test=20)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetNotFoundError, match=f"\\({tmp_path} lacks t10k-labels-idx1-ubyte\\)"):
+        load_mnist_format("mnist", tmp_path, download=False)
+
+
 @pytest.mark.parametrize("gzipped", [True, False])
 def test_mnist_format_files_directly_in_root(tmp_path, gzipped):
     write_mnist(tmp_path, n_train=30, n_test=20, gzipped=gzipped)
@@ -139,12 +182,13 @@ def test_failed_download_is_a_clear_error_not_fake_data(tmp_path, monkeypatch):
     assert f"{tmp_path}, {tmp_path / 'MNIST' / 'raw'}, {shared}, and downloading" in message
 
 
-def write_official_lookalike(directory, name):
-    """IDX files with the official release's 60,000 training labels (their start) and one-pixel images."""
-    labels = np.zeros(60000, dtype=np.uint8)
-    labels[:10] = OFFICIAL_TRAIN_LABELS[name]
+def write_official_lookalike(directory, name, test_labels=None):
+    """IDX files with the official release's 60,000 training and 10,000 test labels (their start) and one-pixel
+    images; ``test_labels`` replaces the test labels."""
+    labels, test = np.zeros(60000, dtype=np.uint8), np.zeros(10000, dtype=np.uint8)
+    labels[:10], test[:10] = OFFICIAL_TRAIN_LABELS[name], OFFICIAL_TEST_LABELS[name]
     directory.mkdir(parents=True)
-    for split, split_labels in (("train", labels), ("t10k", labels[:10])):
+    for split, split_labels in (("train", labels), ("t10k", test if test_labels is None else test_labels)):
         write_idx(directory / f"{split}-images-idx3-ubyte", np.zeros((len(split_labels), 1, 1), np.uint8), True)
         write_idx(directory / f"{split}-labels-idx1-ubyte", split_labels, True)
 
@@ -201,6 +245,33 @@ def test_load_data_normalises_per_channel_with_training_statistics(cifar_root):
     torch.testing.assert_close(per_channel.mean(1), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_channel.std(1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
     assert data.is_classification and data.num_classes == 10
+
+
+def test_channel_statistics_are_numpys_without_a_float64_copy_of_the_data():
+    import tracemalloc
+
+    images = np.random.default_rng(0).integers(0, 256, (2000, 3, 32, 32), dtype=np.uint8)
+    tracemalloc.start()
+    mean, std = channel_statistics(images)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(mean, images.mean(axis=(0, 2, 3), dtype=np.float64) / 255, rtol=1e-13)
+    np.testing.assert_allclose(std, images.std(axis=(0, 2, 3), dtype=np.float64) / 255, rtol=1e-13)
+    assert peak < images.nbytes  # a float64 copy is 8 times that
+
+
+@pytest.mark.parametrize("normalise", ["per_channel", "none"])
+def test_a_black_pixel_is_what_the_data_loads_a_zero_pixel_as(tmp_path, normalise):
+    """``TensorData.black``, the padding of random crops: a black image (all zeros on disk) loads as it."""
+    root = write_cifar10(tmp_path)
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    batch["data"][0] = 0
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+    data = load_data(data_cfg("cifar10", root, normalise=normalise), seed=0)
+    assert torch.equal(data.test_x[0], data.black.view(3, 1, 1).expand(3, 32, 32))
+    assert (data.black < 0).all() if normalise == "per_channel" else (data.black == 0).all()
 
 
 @pytest.mark.parametrize("name", ["cifar10", "mnist"])
@@ -305,11 +376,14 @@ def test_a_stream_saved_on_another_device_continues_its_order_unless_it_augments
         BatchStream(x, y, batch_size=7, seed=1, augment=True).load_state_dict(state)
 
 
-def test_crop_and_flip_shift_and_mirror_each_image():
+@pytest.mark.parametrize("pad_value", [None, -3.0])
+def test_crop_and_flip_shift_and_mirror_each_image(pad_value):
     image = torch.arange(16.0).view(1, 1, 4, 4)
     x = image.repeat(200, 1, 1, 1)
-    out = BatchStream(x, torch.zeros(200), batch_size=200, seed=0, augment=True, crop_padding=1).next()[0]
-    padded = torch.nn.functional.pad(image, (1, 1, 1, 1))[0, 0]
+    fill = None if pad_value is None else torch.tensor([pad_value])
+    out = BatchStream(x, torch.zeros(200), batch_size=200, seed=0, augment=True, crop_padding=1,
+                      pad_value=fill).next()[0]
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=pad_value or 0.0)[0, 0]
     candidates = [padded[dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
     candidates += [c.flip(1) for c in candidates]
     found = set()

@@ -278,6 +278,9 @@ def test_grouping_finds_what_varies_and_aggregates_seeds(results):
     assert len(dln) == 4
     # the norm and its own fields (none has no eps or momentum), and the seed
     assert varying_keys(dln) == ["norm.eps", "norm.kind", "norm.momentum", "norm.name", "seed"]
+    placed = [Run(Path(str(k)), {"data": {"root": root, "download": k == 0, "search_paths": [root]}, "seed": k},
+                  pd.DataFrame()) for k, root in enumerate(("data", "/scratch"))]
+    assert varying_keys(placed) == ["seed"]  # where the data lives is no setting of a run
     groups = group_runs(dln, ["norm.name"])
     assert list(groups) == [("batchnorm",), ("none",)] and all(len(g) == 2 for g in groups.values())
     stats = aggregate([r.series("train/loss") for r in groups[("none",)]])

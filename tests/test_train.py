@@ -70,6 +70,18 @@ def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_where_the_data_lives_is_not_part_of_a_runs_identity():
+    """A requeued job on a node that keeps the data elsewhere (``BNOPT_DATA``), without internet
+    (``data.download=false``), resumes its run; what the data are stays part of it."""
+    run = OmegaConf.to_container(compose_config("model=mlp", "data=fashion_mnist"), resolve=True)
+    moved = OmegaConf.to_container(compose_config("model=mlp", "data=fashion_mnist", "data.root=/scratch/data",
+                                                  "data.download=false", "data.search_paths=[]"), resolve=True)
+    assert identity_differences(run, moved) == []
+    other = OmegaConf.to_container(compose_config("model=mlp", "data=fashion_mnist", "data.normalise=none"),
+                                   resolve=True)
+    assert identity_differences(run, other) == ["data.normalise: 'per_channel' -> 'none'"]
+
+
 def test_a_run_written_before_the_protocols_defaults_became_config_keys_is_still_that_run(tmp_path):
     """The committed results' config.yaml files have no data.x_std, data.a_std nor model.norm_after_last:
     such a run is read as the run with the values that compute what it computed, so a recipe neither

@@ -19,6 +19,13 @@ from bnopt.models import VGG_LAYOUTS
 from bnopt.norms import LP_NORM_OF, NORM_KINDS
 
 MODELS = ("vgg", "mlp", "dln")
+# What each norm/*.yaml's name stands for: (kind, p, noise on), so that an override of one of its settings
+# cannot go on under a name that says otherwise.
+NAMED_NORMS = {
+    "none": ("none", None, False), "noisy_none": ("none", None, True),
+    "batchnorm": ("batchnorm", None, False), "noisy_batchnorm": ("batchnorm", None, True),
+    "lp1": ("lp", 1.0, False), "lp2": ("lp", 2.0, False), "lpinf": ("lp", math.inf, False),
+}
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "gaussian_regression")
 OPTIMIZERS = ("sgd",)
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -119,7 +126,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "model.init_std", lambda v: v == "fan_in" or positive_number(v),
                 "a positive standard deviation or 'fan_in'")
     else:
-        require(cfg, "model.depth", positive_int, "a positive number of layers")
+        require(cfg, "model.depth", positive_int, "a positive integer number of layers")
         require(cfg, "model.norm_after_last", one_of(True, False), "true or false")
 
     data = require(cfg, "data.name", one_of(*DATASETS), f"one of {', '.join(DATASETS)}")
@@ -133,6 +140,9 @@ def check_config(cfg: DictConfig) -> None:
         if model != "dln":
             raise ConfigError("model.name", model, "gaussian_regression data trains the deep linear network "
                               "(model=dln)")
+        if _get(cfg, "data.augment"):
+            raise ConfigError("data.augment", True, "only for image data sets: gaussian_regression has no images "
+                              "to crop or flip")
     else:
         require(cfg, "data.root", lambda v: isinstance(v, str) and v != "", "a directory path")
         require(cfg, "data.download", one_of(True, False), "true or false")
@@ -140,7 +150,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "data.normalise", one_of(*INPUT_NORMALISATIONS), f"one of {', '.join(INPUT_NORMALISATIONS)}")
         require(cfg, "data.max_train_samples", optional(positive_int), "null (all) or a positive integer")
         require(cfg, "data.max_test_samples", optional(positive_int), "null (all) or a positive integer")
-        require(cfg, "data.num_classes", positive_int, "a positive number of classes")
+        require(cfg, "data.num_classes", positive_int, "a positive integer number of classes")
         require(cfg, "data.search_paths", optional(list_of(lambda v: isinstance(v, str), non_empty=False)),
                 "a list of directories")
         if model == "dln":
@@ -149,10 +159,21 @@ def check_config(cfg: DictConfig) -> None:
     kind = require(cfg, "norm.kind", one_of(*NORM_KINDS), f"one of {', '.join(NORM_KINDS)}")
     if kind != "none":
         require(cfg, "norm.eps", positive_number, "a positive number")
-        require(cfg, "norm.momentum", lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+        # 0 would leave the running statistics at their start (mean 0, variance 1) for every evaluation
+        require(cfg, "norm.momentum", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
     if kind == "lp":
         require(cfg, "norm.p", lambda v: _is_number(v) and float(v) in (1.0, 2.0, math.inf), "1, 2 or inf")
         require(cfg, "norm.norm_of", one_of(*LP_NORM_OF), f"one of {', '.join(LP_NORM_OF)} (Section 3.3: raw)")
+    norm_name = _get(cfg, "norm.name")
+    noisy, p = _get(cfg, "norm.noise") is not None, float(_get(cfg, "norm.p")) if kind == "lp" else None
+    if norm_name in NAMED_NORMS and NAMED_NORMS[norm_name] != (kind, p, noisy):
+        named_kind, named_p, named_noise = NAMED_NORMS[norm_name]
+        raise ConfigError("norm.name", norm_name, f"it names kind={named_kind}"
+                          + (f", p={named_p:g}" if named_p else "") + f", noise {'on' if named_noise else 'off'} "
+                          "(the figures and the report go by it); give these settings another norm.name")
+    if kind != "none" and model != "vgg" and _get(cfg, "train.batch_size") == 1:
+        raise ConfigError("train.batch_size", 1, f"at least 2 with norm.kind={kind} on model={model}: one sample's "
+                          "batch statistics normalise every unit to 0 (a conv net has its spatial positions)")
     if _get(cfg, "norm.noise") is not None:
         require(cfg, "norm.noise.n_mu", non_negative_number, "a non-negative number (paper: 0.5)")
         require(cfg, "norm.noise.n_sigma", lambda v: _is_number(v) and 1 <= v < math.inf,
@@ -172,7 +193,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "optim.milestones", list_of(positive_int), "a non-empty list of positive steps")
         require(cfg, "optim.gamma", positive_number, "a positive factor")
 
-    require(cfg, "train.steps", non_negative_int, "a non-negative number of steps")
+    require(cfg, "train.steps", non_negative_int, "a non-negative integer number of steps")
     require(cfg, "train.batch_size", positive_int, "a positive integer")
     for key in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
         require(cfg, f"train.{key}", positive_int, "a positive integer")
@@ -185,11 +206,14 @@ def check_config(cfg: DictConfig) -> None:
     for name in probes:
         if name not in PROBE_KEYS:
             raise ConfigError(f"probes.{name}", probes[name], f"unknown probe; known: {', '.join(PROBE_KEYS)}")
-        missing = PROBE_KEYS[name] - set(probes[name])
+        missing, unknown = PROBE_KEYS[name] - set(probes[name]), set(probes[name]) - PROBE_KEYS[name]
         if missing:
             raise ConfigError(f"probes.{name}", probes[name], f"needs {', '.join(sorted(missing))}: select it "
                               f"with probes=[{name},...] rather than setting single keys")
-        require(cfg, f"probes.{name}.every", positive_int, "a positive number of steps")
+        if unknown:
+            raise ConfigError(f"probes.{name}", probes[name], f"unknown key {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(PROBE_KEYS[name]))}")
+        require(cfg, f"probes.{name}.every", positive_int, "a positive integer number of steps")
     if "ics" in probes:
         require(cfg, "probes.ics.layers", list_of(positive_int), "a non-empty list of layer numbers (1-based)")
     if "landscape" in probes:
@@ -203,7 +227,7 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "probes.activations.layers", list_of(positive_int), "a non-empty list of layer numbers (1-based)")
         require(cfg, "probes.activations.quantiles", list_of(lambda q: _is_number(q) and 0 <= q <= 1),
                 "a non-empty list of quantiles in [0, 1]")
-        require(cfg, "probes.activations.bins", positive_int, "a positive number of histogram bins")
+        require(cfg, "probes.activations.bins", positive_int, "a positive integer number of histogram bins")
 
 
 def check_against_run(cfg: DictConfig, num_layers: int, train_size: int) -> None:

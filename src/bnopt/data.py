@@ -58,6 +58,9 @@ class TensorData:
     test_y: torch.Tensor | None
     num_classes: int | None  # None: regression
     loss_fn: LossFn
+    # A black pixel's value per channel in these (normalised) units: what a random crop pads with, as
+    # torchvision's RandomCrop before Normalize does. None for data that are not images.
+    black: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -72,7 +75,7 @@ class TensorData:
             return None if t is None else t.to(device)
 
         return TensorData(self.name, move(self.train_x), move(self.train_y), move(self.test_x),
-                          move(self.test_y), self.num_classes, self.loss_fn)
+                          move(self.test_y), self.num_classes, self.loss_fn, move(self.black))
 
 
 def sum_squared_loss(scale: float) -> LossFn:
@@ -99,9 +102,11 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    expected = int(np.prod(dims))
+    if data.size != expected:
         shape = " x ".join(map(str, dims.tolist()))
-        raise ValueError(f"truncated: its header says {shape} bytes of data, it holds {data.size}")
+        what = "truncated" if data.size < expected else f"{data.size - expected} bytes too long"
+        raise ValueError(f"{what}: its header says {shape} bytes of data, it holds {data.size}")
     return data.reshape(tuple(dims)).copy()  # frombuffer is read-only
 
 
@@ -113,16 +118,20 @@ MNIST_FILES = {
 }
 
 
-def find_idx_files(directory: Path) -> dict[str, Path] | None:
-    """The four MNIST-format files in ``directory`` (each ``.gz`` or not), or None if any is missing."""
+def idx_files_present(directory: Path) -> dict[str, Path]:
+    """Those of the four MNIST-format files that are in ``directory`` (each ``.gz`` or not)."""
     found = {}
     for key, stem in MNIST_FILES.items():
-        candidates = [directory / stem, directory / f"{stem}.gz"]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            return None
-        found[key] = path
+        path = next((c for c in (directory / stem, directory / f"{stem}.gz") if c.is_file()), None)
+        if path is not None:
+            found[key] = path
     return found
+
+
+def find_idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four MNIST-format files in ``directory`` (each ``.gz`` or not), or None if any is missing."""
+    found = idx_files_present(directory)
+    return found if len(found) == len(MNIST_FILES) else None
 
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -172,8 +181,10 @@ def _download(torchvision_class: str, root: Path, title: str, looked: str) -> No
 
 # MNIST and Fashion-MNIST use the same four file names, so with one data.root for both (the default) a
 # directory of one must not pass for the other. Their official releases tell apart by the training labels:
-# 60,000 of them, beginning with these.
+# 60,000 of them, beginning with these. The test labels (10,000) begin with these, which tells a directory
+# that mixes one release's training files with other test files.
 OFFICIAL_TRAIN_LABELS = {"mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4), "fashion_mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5)}
+OFFICIAL_TEST_LABELS = {"mnist": (7, 2, 1, 0, 4, 1, 4, 9, 5, 9), "fashion_mnist": (9, 2, 1, 1, 6, 1, 4, 6, 5, 7)}
 
 
 def official_release(files: dict[str, Path]) -> str | None:
@@ -203,7 +214,9 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
         elif candidate is not None:
             found_in, files = directory, candidate
             break
-    looked = ", ".join(str(d) for d in directories) + "".join(f" ({note})" for note in other_data_sets)
+    incomplete = [f"{d} lacks {', '.join(MNIST_FILES[k] for k in MNIST_FILES if k not in present)}"
+                  for d in directories if 0 < len(present := idx_files_present(d)) < len(MNIST_FILES)]
+    looked = ", ".join(str(d) for d in directories) + "".join(f" ({note})" for note in other_data_sets + incomplete)
     if files is None and download:
         _download(tv_class, root, title, looked)
         found_in, files = root / tv_class / "raw", find_idx_files(root / tv_class / "raw")
@@ -229,11 +242,23 @@ def load_mnist_format(name: str, root: Path, download: bool, search_paths: Seque
         with reading(title, path, fix):
             arrays[key] = read_idx(path)
     for split in ("train", "test"):
-        n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
-        if n_x != n_y:
-            images, labels = files[f"{split}_x"], files[f"{split}_y"]
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.ndim != 3 or labels.ndim != 1:
             raise DatasetUnreadableError(
-                f"{title}: {images} holds {n_x} images but {labels} holds {n_y} labels. Fix: {fix}")
+                f"{title}: {files[f'{split}_x']} holds an array of shape {images.shape} and {files[f'{split}_y']} "
+                f"one of shape {labels.shape}, not images (N, height, width) and labels (N,). Fix: {fix}")
+        if len(images) != len(labels):
+            raise DatasetUnreadableError(f"{title}: {files[f'{split}_x']} holds {len(images)} images but "
+                                         f"{files[f'{split}_y']} holds {len(labels)} labels. Fix: {fix}")
+    if arrays["train_x"].shape[1:] != arrays["test_x"].shape[1:]:
+        raise DatasetUnreadableError(
+            f"{title}: the training images ({files['train_x']}) are {arrays['train_x'].shape[1:]} pixels, the test "
+            f"images ({files['test_x']}) {arrays['test_x'].shape[1:]}: they are not one data set's. Fix: {fix}")
+    test_start = tuple(arrays["test_y"][:10].tolist()) if arrays["test_y"].shape == (10000,) else None
+    if official_release(files) == name and test_start != OFFICIAL_TEST_LABELS[name]:
+        raise DatasetUnreadableError(
+            f"{title}: the training files in {found_in} are the official release, but {files['test_y']} holds "
+            f"other test labels than the official ones: the test files come from another copy. Fix: {fix}")
     return {k: v[:, None] if k.endswith("_x") else v for k, v in arrays.items()}  # images get a channel axis
 
 
@@ -273,17 +298,32 @@ def gaussian_regression(n_samples: int, dim: int, seed: int, x_std: float = 1.0,
 INPUT_NORMALISATIONS = ("per_channel", "none")
 
 
-def standardise(train: np.ndarray, *others: np.ndarray, normalise: str = "per_channel") -> list[torch.Tensor]:
+def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's mean and (population) standard deviation of uint8 images (N, C, H, W), in float64 and
+    scaled to [0, 1]: from the counts of the 256 pixel values, so without a float64 copy of the data set
+    (bincount takes its input as int64, hence blocks of about 2**18 pixels)."""
+    mean, std = [], []
+    values = np.arange(256, dtype=np.float64) / 255
+    block = max(1, 2**18 // int(np.prod(images.shape[2:])))  # images
+    for c in range(images.shape[1]):
+        counts = sum(np.bincount(images[i : i + block, c].ravel(), minlength=256)
+                     for i in range(0, len(images), block)).astype(np.float64)
+        m = counts @ values / counts.sum()
+        mean.append(m)
+        std.append(np.sqrt(counts @ (values - m) ** 2 / counts.sum()))
+    return np.array(mean), np.array(std)
+
+
+def standardise(train: np.ndarray, *others: np.ndarray,
+                normalise: str = "per_channel") -> tuple[list[torch.Tensor], torch.Tensor]:
     """Scale uint8 images to [0, 1] and, with ``normalise="per_channel"``, normalise each channel by the
-    training set's mean and std."""
+    training set's mean and std. Also returns a black pixel's value per channel in the same units."""
     if normalise not in INPUT_NORMALISATIONS:
         raise ValueError(f"normalise must be one of {INPUT_NORMALISATIONS}; got {normalise!r}")
     if normalise == "none":
-        return [torch.from_numpy(a).float().div_(255) for a in (train, *others)]
-    # float64 accumulation over the uint8 array, without a float64 copy of the data set
-    mean = torch.from_numpy(train.mean(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
-    std = torch.from_numpy(train.std(axis=(0, 2, 3), dtype=np.float64) / 255).float().view(1, -1, 1, 1)
-    return [(torch.from_numpy(a).float().div_(255) - mean) / std for a in (train, *others)]
+        return [torch.from_numpy(a).float().div_(255) for a in (train, *others)], torch.zeros(train.shape[1])
+    mean, std = (torch.from_numpy(s).float().view(1, -1, 1, 1) for s in channel_statistics(train))
+    return [(torch.from_numpy(a).float().div_(255) - mean) / std for a in (train, *others)], (-mean / std).view(-1)
 
 
 def load_data(cfg, seed: int) -> TensorData:
@@ -299,13 +339,21 @@ def load_data(cfg, seed: int) -> TensorData:
         arrays = load_mnist_format(cfg.name, root, cfg.download, cfg.get("search_paths") or ())
     else:
         raise ValueError(f"unknown data set {cfg.name!r}")
-    train_x, test_x = standardise(arrays["train_x"], arrays["test_x"], normalise=cfg.normalise)
+    title = "CIFAR-10" if cfg.name == "cifar10" else MNIST_FORMAT[cfg.name][0]
+    for split in ("train", "test"):
+        labels = arrays[f"{split}_y"]
+        if labels.size and not 0 <= labels.min() <= labels.max() < cfg.num_classes:
+            raise DatasetUnreadableError(
+                f"{title}: its {split} labels range from {labels.min()} to {labels.max()}, but data.num_classes="
+                f"{cfg.num_classes} admits 0 to {cfg.num_classes - 1}. Fix: set data.num_classes, or use the "
+                f"official files")
+    (train_x, test_x), black = standardise(arrays["train_x"], arrays["test_x"], normalise=cfg.normalise)
     train_y = torch.from_numpy(arrays["train_y"].astype(np.int64))
     test_y = torch.from_numpy(arrays["test_y"].astype(np.int64))
     # Subsets (scale=smoke) take the first samples, after normalising with the full set's statistics.
     train_x, train_y = train_x[: cfg.max_train_samples], train_y[: cfg.max_train_samples]
     test_x, test_y = test_x[: cfg.max_test_samples], test_y[: cfg.max_test_samples]
-    return TensorData(cfg.name, train_x, train_y, test_x, test_y, cfg.num_classes, F.cross_entropy)
+    return TensorData(cfg.name, train_x, train_y, test_x, test_y, cfg.num_classes, F.cross_entropy, black)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,12 +366,14 @@ class BatchStream:
     generators of their own, so the global random state plays no part and a checkpoint can restore them
     (``state_dict``)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                 augment: bool = False, crop_padding: int = 4, channels_last: bool = False):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, augment: bool = False,
+                 crop_padding: int = 4, pad_value: torch.Tensor | None = None, channels_last: bool = False):
         if not 1 <= batch_size <= len(x):
             raise ValueError(f"batch size {batch_size} must be between 1 and the data set size {len(x)}")
         self.x, self.y, self.batch_size = x, y, batch_size
         self.augment, self.crop_padding, self.channels_last = augment, crop_padding, channels_last
+        # per channel (TensorData.black for a black border); zeros by default
+        self.pad_value = torch.zeros(x.shape[1], device=x.device) if pad_value is None else pad_value.to(x)
         # Shuffling draws once per epoch on the CPU; augmentation per batch on the data's device, so
         # that a GPU run makes no host round-trip per step.
         self.order_generator = torch.Generator().manual_seed(seed)
@@ -352,10 +402,11 @@ class BatchStream:
         return x, y
 
     def crop_and_flip(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crop after zero-padding by ``crop_padding`` and random horizontal flip, per image."""
+        """Random crop after padding by ``crop_padding`` with ``pad_value`` and random horizontal flip, per image."""
         n, c, h, w = x.shape
         pad, gen, dev = self.crop_padding, self.augment_generator, x.device
-        padded = F.pad(x, (pad, pad, pad, pad))
+        padded = self.pad_value.view(1, c, 1, 1).expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+        padded[:, :, pad : pad + h, pad : pad + w] = x
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
         rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]

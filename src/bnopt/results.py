@@ -155,7 +155,8 @@ def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
 # --- grouping ----------------------------------------------------------------------------------------
 
 # Keys that never distinguish what a run shows: labels, bookkeeping, and everything resolved from them.
-IGNORED = ("name", "threads", "device", "train.eval_batch_size", "train.checkpoint_every")
+IGNORED = ("name", "threads", "device", "data.root", "data.download", "data.search_paths", "train.eval_batch_size",
+           "train.checkpoint_every")
 
 
 def varying_keys(runs: list[Run], ignore: Iterable[str] = IGNORED) -> list[str]:

@@ -40,9 +40,9 @@ from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
 # Keys that label or place a run without changing what it computes: a checkpoint written under another name,
-# thread count or device is the same run (two figures' sweeps reach one run under different names; a
-# requeued job may land on another GPU).
-NOT_IDENTITY = ("name", "threads", "device")
+# thread count, device or data location is the same run (two figures' sweeps reach one run under different
+# names; a requeued job may land on another GPU, or on a node that keeps the data elsewhere, without internet).
+NOT_IDENTITY = ("name", "threads", "device", "data.root", "data.download", "data.search_paths")
 
 
 class ResumeError(RuntimeError):
@@ -108,7 +108,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     steps = cfg.train.steps
     optimizer, schedule = build_optimizer(cfg.optim, model, steps)
     batches = BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed,
-                          augment=cfg.data.get("augment", False), channels_last=cfg.train.channels_last)
+                          augment=cfg.data.get("augment", False), pad_value=data.black,
+                          channels_last=cfg.train.channels_last)
     start = 0 if checkpoint is None else checkpoint["step"]
     # Only now, with the config checked against the model and data: a command refused on the way must not
     # relabel what a run killed before its first checkpoint left here (its metrics stay until one starts).
