@@ -1,27 +1,47 @@
 # Shared by the figure recipes; `source` it with the recipe's arguments: [scale] [extra overrides...].
 #
-# Every run goes to a fixed place, results/<scale>-<data>/<model>/<norm>_lr<lr>_seed<seed>/, so a run that
+# Every run goes to a fixed place, $RESULTS/<scale>-<data>/<model>/<norm>_lr<lr>_seed<seed>/, so a run that
 # several figures share is trained once: a finished run is not re-run (its name is not part of its identity).
 # scale=cpu shrinks only VGG, so the DLN and MLP runs are made and stored as scale=paper runs.
 #
 # Environment: VGG_DATA (default cifar10), MLP_DATA (default mnist), JOBS (parallel runs, default 1;
-# more than 1 needs `pip install -e ".[cluster]"` for the joblib launcher), RESULTS (default results/).
+# more than 1 needs `pip install -e ".[cluster]"` for the joblib launcher), RESULTS (default results/, and
+# results/runs/recipes/ for scale smoke, whose runs are no results: the committed tree and figures stay as they are).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
+  sed -n '2,/^source/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+  sed -n '/^# Environment/,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 SCALE="${1:-cpu}"
 EXTRA=("${@:2}")
+case $SCALE in
+  cpu | paper | smoke) ;;
+  *) echo "error: scale '$SCALE' is none of cpu, paper, smoke (usage: $0 [scale] [overrides...])" >&2; exit 2 ;;
+esac
+for override in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  case ${override#+} in
+    data=* | scale=* | experiment=*)  # they would land in a tree named after other settings
+      echo "error: $override: a recipe sets the data set and scale itself, each run at its place named after them;" \
+           "give the scale as the first argument and the data sets as VGG_DATA=... MLP_DATA=..." >&2
+      exit 2 ;;
+  esac
+done
 VGG_DATA="${VGG_DATA:-cifar10}"
 MLP_DATA="${MLP_DATA:-mnist}"
 JOBS="${JOBS:-1}"
-RESULTS="${RESULTS:-$REPO/results}"
+if [ "$SCALE" = smoke ]; then RESULTS="${RESULTS:-$REPO/results/runs/recipes}"; else RESULTS="${RESULTS:-$REPO/results}"; fi
+SETS=()  # the result sets this recipe's sweeps wrote: its figures are drawn from them alone
 
 # A job whose run's place holds a run of another config (this recipe given another override before), or a run
-# that another process is training, is refused and the sweep goes on; the RefusedJobs callback lists such jobs
-# here, and the recipe stops before drawing a figure from runs that are not its own. In RESULTS because every
-# job writes it (on a cluster, from its node).
+# that another process is training, is refused and the sweep goes on, as does one that failed (missing data)
+# or was interrupted; the UnfinishedJobs callback lists such jobs here, and the recipe stops before drawing a
+# figure from runs that are not its own, or from none. In RESULTS because every job writes it (on a cluster,
+# from its node).
 mkdir -p "$RESULTS"
-REFUSED="$(mktemp "$RESULTS/.refused-jobs.XXXXXX")"
-trap 'rm -f "$REFUSED"' EXIT
+UNFINISHED="$(mktemp "$RESULTS/.unfinished-jobs.XXXXXX")"
+trap 'rm -f "$UNFINISHED"' EXIT
 
 # sweep <experiment> <model> [store suffix]: every job of the experiment's Hydra sweep, at its fixed place.
 sweep() {
@@ -37,26 +57,31 @@ sweep() {
   echo "== $experiment: scale=$scale data=$data -> $RESULTS/$scale-$data/$store/"
   python "$REPO/train.py" -m "+experiment=$experiment" "scale=$scale" "data=$data" \
     "hydra.sweep.dir=$RESULTS/$scale-$data/$store" 'hydra.sweep.subdir=${norm.name}_lr${optim.lr}_seed${seed}' \
-    '+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs' \
-    "+hydra.callbacks.refused_jobs.record=$REFUSED" \
+    '+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs' \
+    "+hydra.callbacks.unfinished_jobs.record=$UNFINISHED" \
     ${launcher[@]+"${launcher[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
-  if [ -s "$REFUSED" ]; then
+  if [ -s "$UNFINISHED" ]; then
     {
-      echo "error: $experiment: jobs were refused, so these runs are not this command's; nothing drawn:"
-      sed 's/^/  /' "$REFUSED"
-      if grep -q "another config" "$REFUSED"; then
+      echo "error: $experiment: these jobs did not finish their runs, so nothing is drawn:"
+      sed 's/^/  /' "$UNFINISHED"
+      if grep -q "another config" "$UNFINISHED"; then
         echo "A recipe places each run by its norm, lr and seed only; give runs of other overrides their own tree:"
         echo "  RESULTS=<another dir> $0 $SCALE ${EXTRA[*]-}"
       fi
-      if grep -q "another process" "$REFUSED"; then
+      if grep -q "another process" "$UNFINISHED"; then
         echo "Run the recipe again when the other process has ended: it then finds those runs finished."
+      fi
+      if grep -q "ended " "$UNFINISHED"; then
+        echo "Mend what stopped them (the errors above, or each run's summary.json) and run the recipe again:" \
+             "finished runs are skipped, the others resume."
       fi
     } >&2
     exit 2
   fi
+  [[ " ${SETS[*]-} " == *" $RESULTS/$scale-$data/ "* ]] || SETS+=("$RESULTS/$scale-$data/")
 }
 
-# figure <key>: draw it from everything stored under results/.
+# figure <key>: draw it from the result sets of this recipe's sweeps.
 figure() {
-  python "$REPO/scripts/make_figures.py" "$1" --runs "$RESULTS"/*-*/ --out "$RESULTS/figures"
+  python "$REPO/scripts/make_figures.py" "$1" --runs "${SETS[@]}" --out "$RESULTS/figures"
 }

@@ -314,11 +314,16 @@ def positive_int(text: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"])
-    parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None)
-    parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<n>")
+    parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"],
+                        help="which settings, by default all: mlp_bn dln_none dln_bn vgg11 vgg16")
+    parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None,
+                        help="one section: probe costs in steps, FLOP counts, or the training loop's overhead "
+                             "(default: all three)")
+    parser.add_argument("--rounds", type=positive_int, default=9,
+                        help="timing rounds per measurement; the median is reported (default 9)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's, the machine's cores)")
     parser.add_argument("--tf32", action="store_true", help="time steps and runs with TF32 on (train.tf32=true)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = parser.parse_args()
@@ -377,13 +382,15 @@ FLOP_KEYS = ("ics_all_layers", "ics_all_layers_computing_G", "ics_general_path",
 
 def markdown(results: dict) -> str:
     lines = [f"device {results['device']} ({results.get('device_name', results['machine'])}), "
-             f"{results['threads']} threads, TF32 {'on' if results['tf32'] else 'off'}, torch {results['torch']}", "",
-             "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+             f"{results['threads']} threads, TF32 {'on' if results['tf32'] else 'off'}, torch {results['torch']}"]
+    rows = []
     for entry in results["models"].values():
         cells = ["" if entry.get(key) is None else fmt.format(entry[key]) for key, _, fmt in COLUMNS]
-        if any(cells):  # not with --only flops
-            lines.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
+        if any(cells):  # none with --only flops
+            rows.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|", *rows]
     counted = {key: entry["flops"] for key, entry in results["models"].items() if "flops" in entry}
     if counted:
         flop_columns = [(key, title) for key, title, _ in COLUMNS if key in FLOP_KEYS]

@@ -238,7 +238,10 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=[str(p) for p in committed_result_dirs(REPO)])
     args = parser.parse_args()
     runs = load_runs(args.runs, warn=lambda m: print(m, file=sys.stderr))
-    print("\n\n".join(text for text in (section(runs) for section in SECTIONS) if text))  # no runs: no table
+    if not runs:
+        print("error: no runs read, so no tables", file=sys.stderr)
+        sys.exit(1)
+    print("\n\n".join(text for text in (section(runs) for section in SECTIONS) if text))
 
 
 if __name__ == "__main__":

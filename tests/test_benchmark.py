@@ -18,6 +18,7 @@ def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| dln_none | 8.43 |" in result.stdout  # the markdown table the README quotes
+    assert "step (ms)" not in result.stdout  # no timing table without timings
     header = next(line for line in result.stdout.splitlines() if line.startswith("device cpu"))
     assert ", TF32 off, " in header  # timed as a default run computes (train.tf32)
     results = json.loads(out.read_text())

@@ -243,16 +243,19 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     process = start(tmp_path)
     wait_for_step(tmp_path, 250, process)
     process.send_signal(sig)
-    process.wait(timeout=60)
+    _, stderr = process.communicate(timeout=60)
     summary = json.loads((tmp_path / "summary.json").read_text())
     if sig == signal.SIGTERM:
         assert process.returncode == 0 and summary["status"] == "interrupted"
+        assert f"{tmp_path}: interrupted at step {summary['steps']}; to continue it, run the same command with " \
+               f"hydra.run.dir={tmp_path}" in stderr
         assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "interrupted"
     else:
         assert summary["status"] == "running"  # killed without a word: the summary says so
     kept = read_rows(tmp_path, ("train/",))
     assert kept and kept == read_rows(uninterrupted, ("train/",))[: len(kept)]  # flushed as it went
     stopped = (tmp_path / "summary.json").read_bytes()
+    stopped_at = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
     assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={tmp_path}"), "another config")
     assert (tmp_path / "summary.json").read_bytes() == stopped  # still says how the run stopped, not "failed"
 
@@ -265,6 +268,9 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["job"] == {"num": None, "overrides": list(SURVIVOR)}
+    log = (tmp_path / "train.log").read_text()  # Hydra's log of the run: how each command started and ended
+    assert f"{tmp_path}: resuming from step {stopped_at} of 600 on cpu" in log
+    assert f"{tmp_path}: completed at step 600; train/loss " in log
 
 
 def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
@@ -277,7 +283,8 @@ def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "interrupted, so the sweep stops here" in stderr
+    assert f"interrupted, so the sweep stops here; to continue it, run the same command with " \
+           f"hydra.sweep.dir={tmp_path}" in stderr
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "1").exists()
     assert [(r["job"], r["status"]) for r in read_index(tmp_path)] == [("0", "interrupted")]

@@ -174,6 +174,20 @@ def test_an_image_of_a_two_image_figure_that_found_none_of_its_runs_is_not_writt
     assert not (tmp_path / "fig3_b.pdf").exists()
 
 
+@pytest.mark.parametrize("key", ["3", "10", "13"])
+@pytest.mark.parametrize("present, absent", [("vgg", "dln"), ("dln", "vgg")])
+def test_a_figure_of_two_models_draws_the_one_it_has(all_runs, tmp_path, key, present, absent):
+    """Figs. 3, 10 and 13 show the VGG and the DLN: with the runs of one (``make_figures.py 3 --runs
+    results/runs/fig3_vgg``), its panels are drawn and the other's are named as missing."""
+    messages = []
+    written = draw(key, select(all_runs, model__name=present), tmp_path, warn=messages.append)
+    assert written and all(path.stat().st_size for path in written)
+    assert messages and all(("missing" in m or "no panel has data" in m) and present not in m.split("]")[0]
+                            for m in messages), messages
+    assert any(absent.upper() in m for m in messages), messages
+    plt.close("all")
+
+
 def test_a_measurement_without_finite_values_is_left_out_of_the_density_image(tmp_path):
     run_dir = fake_run(tmp_path, "dln", "batchnorm", 1e-6)
     clean_ax, with_nan_ax = plt.figure().gca(), plt.figure().gca()
@@ -367,6 +381,12 @@ def test_a_runs_path_without_runs_is_named(results, tmp_path):
                             "--out", str(tmp_path / "figs")], capture_output=True, text=True)
     assert drawn.returncode == 1 and f"{tmp_path / 'empty'}: no runs at or below it" in drawn.stderr
     assert not (tmp_path / "figs" / "fig1.png").exists()
+
+
+def test_report_without_runs_says_so_and_fails(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts/report.py"), "--runs", str(tmp_path / "nothing")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "error: no runs read" in result.stderr and result.stdout == ""
 
 
 def test_make_figures_lists_figures_and_refuses_unknown_ones():

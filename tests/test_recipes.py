@@ -4,6 +4,7 @@ finds every run it needs finished and trains nothing)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,12 @@ def test_a_recipe_whose_runs_were_made_with_other_overrides_stops_before_drawing
     every place taken by a run of the first command. Its jobs are refused, so it must not draw the old runs as
     if they were the new ones. Overrides outside a run's identity find the runs finished."""
     data, results = workspace
+    other_set = results / "paper-gaussian_regression" / "dln"  # another result set in the tree: not drawn
+    shutil.copytree(next((REPO / "results" / "paper-gaussian_regression" / "dln").glob("batchnorm_lr1e-06_seed*")),
+                    other_set / "batchnorm_lr1e-06_seed0")
     run_recipe("fig9_dln_landscape.sh", data, results, "threads=1")
+    assert [p.name for p in (results / "figures").glob("*.png")] == ["fig9.png"]  # not one per combination
+    shutil.rmtree(other_set.parent)
     runs, figure = trained_runs(results), results / "figures" / "fig9.png"
     run_recipe("fig9_dln_landscape.sh", data, results, "threads=2", "name=renamed", "device=cpu")
     assert trained_runs(results) == runs
@@ -83,7 +89,36 @@ def test_a_recipe_whose_runs_were_made_with_other_overrides_stops_before_drawing
     assert len(refused) == len(runs) and all("(optim.momentum: 0.0 -> 0.9)" in line for line in refused)
     assert "RESULTS=<another dir>" in other.stderr and "wrote" not in other.stdout
     assert figure.stat().st_mtime_ns == drawn and trained_runs(results) == runs
-    assert not list(results.glob(".refused-jobs.*"))  # the recipe's list of refused jobs goes with it
+    assert not list(results.glob(".unfinished-jobs.*"))  # the recipe's list of such jobs goes with it
+
+
+def test_a_recipe_whose_jobs_failed_names_them_and_draws_nothing(workspace, tmp_path):
+    """Without its data set every job fails; the recipe used to exit 0 and draw the figure from whatever else
+    lay in the results tree (the committed runs)."""
+    _, results = workspace
+    failed = start_recipe("fig1.sh", tmp_path / "no-data", results, "data.download=false")
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+    listed = [line for line in failed.stderr.splitlines() if ": ended failed (DatasetNotFoundError: CIFAR-10 not found" in line]
+    assert len(listed) == 4 and "run the recipe again" in failed.stderr
+    assert "wrote" not in failed.stdout and not (results / "figures").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["smoke", "data=mnist"], "error: data=mnist: a recipe sets the data set and scale itself"),
+    (["smoke", "+experiment=fig2"], "error: +experiment=fig2: a recipe sets"),
+    (["tiny"], "error: scale 'tiny' is none of cpu, paper, smoke"),
+])
+def test_a_recipe_refuses_arguments_that_would_place_runs_under_other_settings(tmp_path, arguments, message):
+    result = subprocess.run(["bash", str(REPO / "experiments" / "fig1.sh"), *arguments], capture_output=True,
+                            text=True, env={**os.environ, "RESULTS": str(tmp_path)})
+    assert result.returncode == 2 and message in result.stderr and not list(tmp_path.glob("*-*"))
+
+
+@pytest.mark.parametrize("recipe", ["all.sh", *RECIPES])
+def test_a_recipe_says_how_to_use_it(recipe):
+    result = subprocess.run(["bash", str(REPO / "experiments" / recipe), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and f"usage: experiments/{recipe} [scale" in result.stdout
+    assert "Environment: VGG_DATA" in result.stdout
 
 
 @pytest.mark.slow

@@ -111,9 +111,9 @@ def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(
     assert read_index(tmp_path) == first
 
 
-def test_refused_jobs_lists_a_job_whose_run_another_process_is_training(tmp_path):
-    """What the figure recipes check before drawing: a job refused because its run is busy is listed; jobs
-    that trained their runs, or failed on a bad value, are not."""
+def test_unfinished_jobs_lists_a_job_whose_run_another_process_is_training_and_failed_ones(tmp_path):
+    """What the figure recipes check before drawing: a job refused because its run is busy is listed, and so
+    are jobs that failed (a bad value), with their error; the job that trained its run is not."""
     record = tmp_path / "refused.txt"
     sweep = tmp_path / "sweep"
     busy = RunDirectory(sweep / "1")
@@ -122,12 +122,14 @@ def test_refused_jobs_lists_a_job_whose_run_another_process_is_training(tmp_path
         busy.write_summary({"status": "running"})
         result = run_cli("-m", "+experiment=dln_bn", "scale=smoke", "probes=none", "norm=none,batchnorm",
                          "optim.lr=-1,1e-6", f"hydra.sweep.dir={sweep}",
-                         "+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs",
-                         f"+hydra.callbacks.refused_jobs.record={record}")
+                         "+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs",
+                         f"+hydra.callbacks.unfinished_jobs.record={record}")
     assert result.returncode == 0, result.stderr  # the sweep goes on past the refused job
     assert {r["dir"]: r["status"] for r in read_index(sweep)} == {"0": "failed", "1": "running", "2": "failed",
                                                                  "3": "completed"}
-    assert record.read_text() == f"{busy.path}: another process is training it\n"
+    failed = "ended failed (ConfigError: optim.lr=-1 is not allowed: a positive learning rate)"
+    assert record.read_text().splitlines() == [f"{sweep / '0'}: {failed}", f"{busy.path}: another process is training it",
+                                               f"{sweep / '2'}: {failed}"]
 
 
 def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):

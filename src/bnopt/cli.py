@@ -68,8 +68,12 @@ def main(cfg: DictConfig) -> dict | None:
             raise
         log.exception("job %s failed; the sweep goes on", run_dir)
         return None
-    if in_sweep and summary["status"] == "interrupted" and hydra_cfg.launcher._target_ == BASIC_LAUNCHER:
-        stop_sweep(Path(hydra_cfg.sweep.dir), run_dir)
+    if summary["status"] == "interrupted":
+        if not in_sweep:
+            print(f"{run_dir}: interrupted at step {summary['steps']}; to continue it, run the same command with "
+                  f"hydra.run.dir={run_dir}", file=sys.stderr)
+        elif hydra_cfg.launcher._target_ == BASIC_LAUNCHER:
+            stop_sweep(Path(hydra_cfg.sweep.dir), run_dir)
     return summary
 
 
@@ -79,8 +83,8 @@ def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:
     here (the callback that writes it when a sweep ends does not run), and the exit status is 130, a shell's
     for an interrupted command. Other launchers are left to themselves: a job ends ``interrupted`` there, and
     a joblib pool may still start the jobs it has queued."""
-    print(f"{run_dir}: interrupted, so the sweep stops here; run the same command again to continue it",
-          file=sys.stderr)
+    print(f"{run_dir}: interrupted, so the sweep stops here; to continue it, run the same command with "
+          f"hydra.sweep.dir={sweep_dir}", file=sys.stderr)
     announce_index(sweep_dir)
     sys.exit(130)
 

@@ -509,11 +509,12 @@ def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
     spec = FIGURES[key]
     per_model = {m: result_sets(runs, m, spec.lr_sweep) for m in spec.models}
     absent = [m for m, s in per_model.items() if not s]
-    # the learning-rate figure has a column per model and draws those it has; the others need all of theirs
-    if absent and (not spec.lr_sweep or len(absent) == len(per_model)):
+    # A figure of several models draws those it has (their panels, or their image of Fig. 3's two), naming
+    # what it misses; one with none of its models is not drawn.
+    if len(absent) == len(per_model):
         warn(f"fig {key}: no {'learning-rate sweep ' if spec.lr_sweep else ''}runs of {', '.join(absent)}; skipped")
         return []
-    combos, labels = [{}], [[]]
+    combos, labels = [{m: [] for m in absent}], [[]]
     for model, sets in per_model.items():
         if sets:
             combos = [{**c, model: rs} for c in combos for rs in sets.values()]

@@ -4,7 +4,7 @@
 cannot be written would end in Hydra's traceback; this checks it first and answers in one line.
 ``SweepIndex``: when a sweep ends, ``index.csv`` in its directory lists every job with its status and final
 metrics (``python scripts/sweep_index.py <dir>`` rebuilds it any time, e.g. after a sweep was killed).
-``RefusedJobs``: lists the jobs whose run directory does not hold their run when they end; the figure
+``UnfinishedJobs``: lists the jobs that end without their run finished in their directory; the figure
 recipes add it on their command line and stop before drawing when it listed any.
 """
 
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bnopt.rundir import OutputDirError, RunDirectory
 from bnopt.sweeps import announce_index
-from bnopt.train import identity_differences
+from bnopt.train import FINISHED, identity_differences
 
 
 def _require_writable(directory: str, key: str) -> None:
@@ -46,19 +46,18 @@ class SweepIndex(Callback):
             announce_index(sweep_dir)
 
 
-class RefusedJobs(Callback):
+class UnfinishedJobs(Callback):
     """Appends ``<run dir>: <why>`` to the file ``record`` for each job of a sweep that ends without its run
-    in its directory: the directory holds a run of another config, or another process is training it. The
-    CLI refuses such a job with one line and the sweep goes on (exit status 0), which suits a sweep of one's
-    own; a figure recipe, though, would then draw the other run. This names what a job's directory holds, not
-    why the job ended: a job that failed (a bad value) in a directory of its own is not listed, its summary
-    says so and the figures name what they could not draw.
+    finished in its directory: the directory holds a run of another config, another process is training it,
+    or the run ended ``failed`` (missing data, a bad value) or ``interrupted``. The CLI reports such a job with
+    one line and the sweep goes on (exit status 0), which suits a sweep of one's own; a figure recipe, though,
+    would then draw other runs, or none, as if they were its own.
 
     Runs in each job's process (a joblib worker, a submitit job), after the job; add it with
-    ``+hydra.callbacks.refused_jobs._target_=bnopt.hydra_callbacks.RefusedJobs
-    +hydra.callbacks.refused_jobs.record=<file>``, the file where every job can write (a shared file system
-    on a cluster). A run that another process has claimed but not yet started (it is still loading its
-    data, so its summary does not say ``running``) is not noticed."""
+    ``+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs
+    +hydra.callbacks.unfinished_jobs.record=<file>``, the file where every job can write (a shared file
+    system on a cluster). A run that another process has claimed but not yet started (it is still loading its
+    data, so its summary does not say ``running``) is taken for this job's failed one."""
 
     def __init__(self, record: str):
         self.record = record
@@ -80,14 +79,19 @@ def job_config(config: DictConfig) -> dict:
 
 
 def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
-    """Why ``run`` does not hold the run of ``config`` now that its job has ended, or None when it does.
-    Every command that trains a run writes its ``config.yaml`` (one that finds the run finished has its
+    """Why ``run`` does not hold the finished run of ``config`` now that its job has ended, or None when it
+    does. Every command that trains a run writes its ``config.yaml`` (one that finds the run finished has its
     identity), so one of another identity means this command was refused; ``running`` in the summary of a
     run whose job has ended is another process's."""
     if run.config.is_file():
         differences = identity_differences(run.read_config(), config)
         if differences:
             return f"holds a run of another config ({', '.join(differences[:3])})"
-    if (run.read_summary() or {}).get("status") == "running":
+    summary = run.read_summary() or {}
+    status = summary.get("status", "no summary")
+    if status == "running":
         return "another process is training it"
+    if status not in FINISHED:
+        error = " ".join(str(summary.get("error") or "").split())
+        return f"ended {status}" + (f" ({error[:200]})" if error else "")
     return None

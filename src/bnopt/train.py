@@ -11,6 +11,7 @@ metrics of a run without them.
 
 from __future__ import annotations
 
+import logging
 import math
 import platform
 import random
@@ -39,6 +40,9 @@ from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
+# A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
+# the run's train.log; called as a library, train() says nothing unless the caller configures logging.
+logger = logging.getLogger("bnopt")
 # Keys that label or place a run without changing what it computes: a checkpoint written under another name,
 # thread count, device or data location is the same run (two figures' sweeps reach one run under different
 # names; a requeued job may land on another GPU, or on a node that keeps the data elsewhere, without internet).
@@ -88,10 +92,10 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     checkpoint = load_checkpoint(run, resolved)
     if checkpoint is None and finished_without_checkpoint(run, resolved):
         summary = run.read_summary()
-        print(f"{run.path}: already {summary['status']} at step {summary.get('steps')}; not re-running")
+        logger.info(f"{run.path}: already {summary['status']} at step {summary.get('steps')}; not re-running")
         return summary
     if checkpoint is not None and checkpoint["status"] in FINISHED:
-        print(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
+        logger.info(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
         return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
@@ -131,6 +135,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         "git_commit": git_commit(), "started": now(), "finished": None, "error": None, "job": job,
     }
     run.write_summary(summary)
+    logger.info(f"{run.path}: {'resuming' if checkpoint else 'training'} from step {start} of {cfg.train.steps} "
+                f"on {summary['device']}")
 
     def save_checkpoint(step: int, status: str) -> None:
         for probe in probes:
@@ -213,6 +219,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
             steps_per_s=(step - start) / loop_seconds if loop_seconds else None, finished=now(),
         )
         run.write_summary(summary)
+        finals = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
+        logger.info(f"{run.path}: {summary['status']} at step {step}" + (f"; {finals}" if finals else ""))
     return summary
 
 
