@@ -7,8 +7,8 @@ from bnopt.cli import main
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def entry(cfg: DictConfig) -> None:
-    main(cfg)
+def entry(cfg: DictConfig) -> dict | None:
+    return main(cfg)  # a sweep's callbacks read it (UnfinishedJobs)
 
 
 if __name__ == "__main__":

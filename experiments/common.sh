@@ -9,11 +9,13 @@
 # results/runs/recipes/ for scale smoke, whose runs are no results: the committed tree and figures stay as they are).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then
-  sed -n '2,/^source/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
-  sed -n '/^# Environment/,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
-  exit 0
-fi
+for argument in "$@"; do
+  if [ "$argument" = -h ] || [ "$argument" = --help ]; then
+    sed -n '2,/^source/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+    sed -n '/^# Environment/,/^set -euo/p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+  fi
+done
 SCALE="${1:-cpu}"
 EXTRA=("${@:2}")
 case $SCALE in
@@ -22,9 +24,13 @@ case $SCALE in
 esac
 for override in ${EXTRA[@]+"${EXTRA[@]}"}; do
   case ${override#+} in
-    data=* | scale=* | experiment=*)  # they would land in a tree named after other settings
-      echo "error: $override: a recipe sets the data set and scale itself, each run at its place named after them;" \
-           "give the scale as the first argument and the data sets as VGG_DATA=... MLP_DATA=..." >&2
+    data=* | scale=* | model=* | experiment=*)  # they would land in a tree named after other settings
+      echo "error: $override: a recipe sets the experiments, models, data sets and scale itself, each run at its" \
+           "place named after them; give the scale as the first argument and the data sets as VGG_DATA=..." \
+           "MLP_DATA=..." >&2
+      exit 2 ;;
+    -*)
+      echo "error: $override: a recipe takes [scale] [overrides...] and --help, no other options" >&2
       exit 2 ;;
   esac
 done
@@ -55,11 +61,18 @@ sweep() {
   local launcher=()
   if [ "$JOBS" -gt 1 ]; then launcher=(hydra/launcher=joblib "hydra.launcher.n_jobs=$JOBS"); fi
   echo "== $experiment: scale=$scale data=$data -> $RESULTS/$scale-$data/$store/"
+  local status=0
   python "$REPO/train.py" -m "+experiment=$experiment" "scale=$scale" "data=$data" \
     "hydra.sweep.dir=$RESULTS/$scale-$data/$store" 'hydra.sweep.subdir=${norm.name}_lr${optim.lr}_seed${seed}' \
     '+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs' \
     "+hydra.callbacks.unfinished_jobs.record=$UNFINISHED" \
-    ${launcher[@]+"${launcher[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}
+    ${launcher[@]+"${launcher[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
+  if [ "$status" = 130 ]; then  # a signal stopped the sweep job by job: the recipe stops too
+    echo "$0: interrupted; run the recipe again to continue (finished runs are skipped, the others resume)" >&2
+    exit 130
+  elif [ "$status" != 0 ]; then
+    exit "$status"
+  fi
   if [ -s "$UNFINISHED" ]; then
     {
       echo "error: $experiment: these jobs did not finish their runs, so nothing is drawn:"

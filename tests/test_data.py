@@ -129,6 +129,14 @@ def test_labels_beyond_the_number_of_classes_are_refused(tmp_path, name, cifar_r
         load_data(data_cfg(name, root, num_classes=5), seed=0)
 
 
+def test_a_split_without_samples_is_refused(tmp_path):
+    write_mnist(tmp_path, n_train=30, n_test=20)
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), gzipped=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(0, np.uint8), gzipped=True)
+    with pytest.raises(DatasetUnreadableError, match="MNIST: its train split holds no samples"):
+        load_data(data_cfg("mnist", tmp_path), seed=0)
+
+
 def test_missing_mnist_file_is_named_with_its_directory(tmp_path):
     write_mnist(tmp_path, n_train=30, n_test=20)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()

@@ -104,9 +104,11 @@ def test_a_recipe_whose_jobs_failed_names_them_and_draws_nothing(workspace, tmp_
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["smoke", "data=mnist"], "error: data=mnist: a recipe sets the data set and scale itself"),
+    (["smoke", "data=mnist"], "error: data=mnist: a recipe sets the experiments, models, data sets and scale itself"),
     (["smoke", "+experiment=fig2"], "error: +experiment=fig2: a recipe sets"),
     (["tiny"], "error: scale 'tiny' is none of cpu, paper, smoke"),
+    (["smoke", "model=mlp"], "error: model=mlp: a recipe sets"),
+    (["smoke", "-m"], "error: -m: a recipe takes [scale] [overrides...] and --help, no other options"),
 ])
 def test_a_recipe_refuses_arguments_that_would_place_runs_under_other_settings(tmp_path, arguments, message):
     result = subprocess.run(["bash", str(REPO / "experiments" / "fig1.sh"), *arguments], capture_output=True,
@@ -116,7 +118,8 @@ def test_a_recipe_refuses_arguments_that_would_place_runs_under_other_settings(t
 
 @pytest.mark.parametrize("recipe", ["all.sh", *RECIPES])
 def test_a_recipe_says_how_to_use_it(recipe):
-    result = subprocess.run(["bash", str(REPO / "experiments" / recipe), "--help"], capture_output=True, text=True)
+    arguments = ["--help"] if recipe != "fig9_dln_landscape.sh" else ["smoke", "threads=1", "-h"]  # anywhere
+    result = subprocess.run(["bash", str(REPO / "experiments" / recipe), *arguments], capture_output=True, text=True)
     assert result.returncode == 0 and f"usage: experiments/{recipe} [scale" in result.stdout
     assert "Environment: VGG_DATA" in result.stdout
 

@@ -114,7 +114,7 @@ def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(
 def test_unfinished_jobs_lists_a_job_whose_run_another_process_is_training_and_failed_ones(tmp_path):
     """What the figure recipes check before drawing: a job refused because its run is busy is listed, and so
     are jobs that failed (a bad value), with their error; the job that trained its run is not."""
-    record = tmp_path / "refused.txt"
+    record = tmp_path / "unfinished.txt"
     sweep = tmp_path / "sweep"
     busy = RunDirectory(sweep / "1")
     busy.path.mkdir(parents=True)
@@ -130,6 +130,22 @@ def test_unfinished_jobs_lists_a_job_whose_run_another_process_is_training_and_f
     failed = "ended failed (ConfigError: optim.lr=-1 is not allowed: a positive learning rate)"
     assert record.read_text().splitlines() == [f"{sweep / '0'}: {failed}", f"{busy.path}: another process is training it",
                                                f"{sweep / '2'}: {failed}"]
+
+
+def test_unfinished_jobs_lists_a_refused_job_whose_directory_holds_the_finished_run(tmp_path):
+    """A command refused for a bad value leaves a finished run in its directory as it was: the job must be
+    listed as failed all the same, whether or not the bad key is part of the run's identity, and not as
+    another config's (the recipe's advice for that, another tree, would fail the same way)."""
+    sweep = ("-m", "+experiment=dln_bn", "scale=smoke", "probes=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             "+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs")
+    assert run_cli(*sweep, f"+hydra.callbacks.unfinished_jobs.record={tmp_path / 'first'}").returncode == 0
+    assert not (tmp_path / "first").exists()  # nothing to list
+    for bad, error in (("threads=0", "ConfigError: threads=0 is not allowed"),
+                       ("train.eval_every=0", "ConfigError: train.eval_every=0 is not allowed")):
+        record = tmp_path / bad.split("=")[0]
+        assert run_cli(*sweep, bad, f"+hydra.callbacks.unfinished_jobs.record={record}").returncode == 0
+        assert record.read_text().startswith(f"{tmp_path / 'sweep' / '0'}: ended failed ({error}")
+    assert read_index(tmp_path / "sweep")[0]["status"] == "completed"  # the run itself stays as it was
 
 
 def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):

@@ -278,6 +278,25 @@ def test_unnormalised_vgg_at_lr_half_diverges_or_is_stuck_but_does_not_crash(tmp
     assert summary["status"] in ("completed", "diverged")
 
 
+def test_a_runs_crops_pad_with_black(tmp_path, mnist_root, monkeypatch):
+    """The loop hands the batches the value a black pixel loads as (per-channel normalised: below 0)."""
+    import bnopt.train
+
+    handed = {}
+
+    class Recorded(BatchStream):
+        def __init__(self, *args, **kwargs):
+            handed.update(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bnopt.train, "BatchStream", Recorded)
+    args = ("model=mlp", "data=mnist", f"data.root={mnist_root}", "data.download=false", "data.augment=true",
+            "scale=smoke", "train.steps=2", "probes=none")
+    train_run(tmp_path, *args)
+    black = load_data(compose_config(*args).data, seed=0).black
+    assert handed["augment"] is True and torch.equal(handed["pad_value"], black) and (black < 0).all()
+
+
 def test_models_are_built_with_the_chosen_norm(tmp_path, mnist_root):
     from bnopt.build import build_model
     from bnopt.data import load_data

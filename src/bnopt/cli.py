@@ -58,16 +58,17 @@ def main(cfg: DictConfig) -> dict | None:
         about_the_directory = isinstance(err, (ResumeError, RunBusyError))  # "... choose another output directory"
         key = f" ({'hydra.sweep.dir' if in_sweep else 'hydra.run.dir'}=...)" if about_the_directory else ""
         print(f"error: {err}{key}", file=sys.stderr)
-        if not isinstance(err, (RunBusyError, AnotherConfigError)):  # the summary there is another run's
+        the_runs_own = not isinstance(err, (RunBusyError, AnotherConfigError))  # else the summary is another run's
+        if the_runs_own:
             record_failure(run_dir, err, job)
         if not in_sweep:
             sys.exit(2)
-        return None
-    except Exception:
+        return failed(err) if the_runs_own else None  # UnfinishedJobs names what the directory holds
+    except Exception as err:
         if not in_sweep:
             raise
         log.exception("job %s failed; the sweep goes on", run_dir)
-        return None
+        return failed(err)
     if summary["status"] == "interrupted":
         if not in_sweep:
             print(f"{run_dir}: interrupted at step {summary['steps']}; to continue it, run the same command with "
@@ -75,6 +76,13 @@ def main(cfg: DictConfig) -> dict | None:
         elif hydra_cfg.launcher._target_ == BASIC_LAUNCHER:
             stop_sweep(Path(hydra_cfg.sweep.dir), run_dir)
     return summary
+
+
+def failed(err: Exception) -> dict:
+    """What a sweep's job returns when it failed, for the callbacks: its run directory may hold a finished run
+    of the same config (a command refused for a bad value leaves it as it was), which must not pass for this
+    job's result."""
+    return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
 def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:

@@ -140,9 +140,8 @@ def check_config(cfg: DictConfig) -> None:
         if model != "dln":
             raise ConfigError("model.name", model, "gaussian_regression data trains the deep linear network "
                               "(model=dln)")
-        if _get(cfg, "data.augment"):
-            raise ConfigError("data.augment", True, "only for image data sets: gaussian_regression has no images "
-                              "to crop or flip")
+        require(cfg, "data.augment", lambda v: v in (None, False), "only for image data sets: "
+                "gaussian_regression has no images to crop or flip")
     else:
         require(cfg, "data.root", lambda v: isinstance(v, str) and v != "", "a directory path")
         require(cfg, "data.download", one_of(True, False), "true or false")
@@ -171,9 +170,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("norm.name", norm_name, f"it names kind={named_kind}"
                           + (f", p={named_p:g}" if named_p else "") + f", noise {'on' if named_noise else 'off'} "
                           "(the figures and the report go by it); give these settings another norm.name")
-    if kind != "none" and model != "vgg" and _get(cfg, "train.batch_size") == 1:
-        raise ConfigError("train.batch_size", 1, f"at least 2 with norm.kind={kind} on model={model}: one sample's "
-                          "batch statistics normalise every unit to 0 (a conv net has its spatial positions)")
     if _get(cfg, "norm.noise") is not None:
         require(cfg, "norm.noise.n_mu", non_negative_number, "a non-negative number (paper: 0.5)")
         require(cfg, "norm.noise.n_sigma", lambda v: _is_number(v) and 1 <= v < math.inf,
@@ -195,6 +191,9 @@ def check_config(cfg: DictConfig) -> None:
 
     require(cfg, "train.steps", non_negative_int, "a non-negative integer number of steps")
     require(cfg, "train.batch_size", positive_int, "a positive integer")
+    if kind != "none" and model != "vgg":
+        require(cfg, "train.batch_size", lambda v: v >= 2, f"at least 2 with norm.kind={kind} on model={model}: "
+                "one sample's batch statistics normalise every unit to 0 (a conv net has its spatial positions)")
     for key in ("log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
         require(cfg, f"train.{key}", positive_int, "a positive integer")
     for key in ("channels_last", "compile", "tf32"):

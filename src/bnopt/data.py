@@ -306,8 +306,9 @@ def channel_statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     values = np.arange(256, dtype=np.float64) / 255
     block = max(1, 2**18 // int(np.prod(images.shape[2:])))  # images
     for c in range(images.shape[1]):
-        counts = sum(np.bincount(images[i : i + block, c].ravel(), minlength=256)
-                     for i in range(0, len(images), block)).astype(np.float64)
+        counts = np.zeros(256)
+        for i in range(0, len(images), block):
+            counts += np.bincount(images[i : i + block, c].ravel(), minlength=256)
         m = counts @ values / counts.sum()
         mean.append(m)
         std.append(np.sqrt(counts @ (values - m) ** 2 / counts.sum()))
@@ -342,7 +343,9 @@ def load_data(cfg, seed: int) -> TensorData:
     title = "CIFAR-10" if cfg.name == "cifar10" else MNIST_FORMAT[cfg.name][0]
     for split in ("train", "test"):
         labels = arrays[f"{split}_y"]
-        if labels.size and not 0 <= labels.min() <= labels.max() < cfg.num_classes:
+        if not labels.size:
+            raise DatasetUnreadableError(f"{title}: its {split} split holds no samples. Fix: use the official files")
+        if not 0 <= labels.min() <= labels.max() < cfg.num_classes:
             raise DatasetUnreadableError(
                 f"{title}: its {split} labels range from {labels.min()} to {labels.max()}, but data.num_classes="
                 f"{cfg.num_classes} admits 0 to {cfg.num_classes - 1}. Fix: set data.num_classes, or use the "

@@ -85,9 +85,9 @@ def first_logging(runs: list[Run], prefix: str) -> Run | None:
 
 def measurement_spacing(steps) -> str:
     """How far apart a probe's measurements are, for a title: "100 steps apart", or "unevenly spaced"."""
-    gaps = np.unique(np.diff(np.asarray(steps)))
+    gaps = np.unique(np.diff(np.asarray(steps, dtype=np.int64)))
     if len(gaps) == 1:
-        return f"{gaps[0]:g} steps apart"
+        return f"{gaps[0]} steps apart"
     return "unevenly spaced" if len(gaps) else "one measurement"
 
 

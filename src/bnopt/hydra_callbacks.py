@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import copy
 import sys
+import textwrap
 from pathlib import Path
 
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
@@ -64,7 +65,14 @@ class UnfinishedJobs(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         run = RunDirectory(Path(config.hydra.runtime.output_dir))
-        why = why_not_this_jobs_run(run, job_config(config))
+        returned = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        if isinstance(returned, dict) and returned.get("status") == "failed":  # refused before it reached the run
+            why = ended("failed", returned.get("error"))
+        else:
+            try:
+                why = why_not_this_jobs_run(run, job_config(config))
+            except Exception as err:  # a config that does not resolve, a file that cannot be read: not finished
+                why = ended("failed", f"{type(err).__name__}: {err}")
         if why:
             with open(self.record, "a") as f:
                 f.write(f"{run.path}: {why}\n")
@@ -87,11 +95,16 @@ def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
         differences = identity_differences(run.read_config(), config)
         if differences:
             return f"holds a run of another config ({', '.join(differences[:3])})"
-    summary = run.read_summary() or {}
-    status = summary.get("status", "no summary")
-    if status == "running":
+    summary = run.read_summary()
+    if summary is None:
+        return "ended without a summary"
+    if summary.get("status") == "running":
         return "another process is training it"
-    if status not in FINISHED:
-        error = " ".join(str(summary.get("error") or "").split())
-        return f"ended {status}" + (f" ({error[:200]})" if error else "")
+    if summary.get("status") not in FINISHED:
+        return ended(summary.get("status"), summary.get("error"))
     return None
+
+
+def ended(status: str, error: str | None) -> str:
+    short = textwrap.shorten(str(error or ""), 200, placeholder=" ...")
+    return f"ended {status}" + (f" ({short})" if short else "")

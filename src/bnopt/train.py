@@ -92,10 +92,10 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     checkpoint = load_checkpoint(run, resolved)
     if checkpoint is None and finished_without_checkpoint(run, resolved):
         summary = run.read_summary()
-        logger.info(f"{run.path}: already {summary['status']} at step {summary.get('steps')}; not re-running")
+        logger.info("%s: already %s at step %s; not re-running", run.path, summary["status"], summary.get("steps"))
         return summary
     if checkpoint is not None and checkpoint["status"] in FINISHED:
-        logger.info(f"{run.path}: already {checkpoint['status']} at step {checkpoint['step']}; not re-running")
+        logger.info("%s: already %s at step %s; not re-running", run.path, checkpoint["status"], checkpoint["step"])
         return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
@@ -135,8 +135,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         "git_commit": git_commit(), "started": now(), "finished": None, "error": None, "job": job,
     }
     run.write_summary(summary)
-    logger.info(f"{run.path}: {'resuming' if checkpoint else 'training'} from step {start} of {cfg.train.steps} "
-                f"on {summary['device']}")
+    logger.info("%s: %s from step %d of %d on %s", run.path, "resuming" if checkpoint else "training", start,
+                cfg.train.steps, summary["device"])
 
     def save_checkpoint(step: int, status: str) -> None:
         for probe in probes:
@@ -220,7 +220,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         )
         run.write_summary(summary)
         finals = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
-        logger.info(f"{run.path}: {summary['status']} at step {step}" + (f"; {finals}" if finals else ""))
+        logger.info("%s: %s at step %d%s", run.path, summary["status"], step, f"; {finals}" if finals else "")
     return summary
 
 
