@@ -125,8 +125,9 @@ def test_labels_beyond_the_number_of_classes_are_refused(tmp_path, name, cifar_r
     root = cifar_root if name == "cifar10" else mnist_root
     title = "CIFAR-10" if name == "cifar10" else "MNIST"
     with pytest.raises(DatasetUnreadableError, match=f"{title}: its train labels range from 0 to 9, but "
-                                                     "data.num_classes=5 admits 0 to 4"):
-        load_data(data_cfg(name, root, num_classes=5), seed=0)
+                                                     "data.num_classes=9 admits 0 to 8"):
+        load_data(data_cfg(name, root, num_classes=9), seed=0)
+    assert load_data(data_cfg(name, root, num_classes=10), seed=0).num_classes == 10
 
 
 def test_a_split_without_samples_is_refused(tmp_path):
@@ -335,6 +336,8 @@ def test_gaussian_regression_is_not_drawn_from_the_stream_that_initialises_the_m
 def test_batches_cover_each_epoch_without_replacement_and_are_repeatable():
     x = torch.arange(100).float().view(100, 1)
     y = torch.arange(100)
+    whole = BatchStream(x, y, batch_size=25, seed=0)  # a batch size that divides the data: no batch dropped
+    assert sorted(torch.cat([whole.next()[1] for _ in range(4)]).tolist()) == list(range(100))
     stream = BatchStream(x, y, batch_size=30, seed=0)
     epoch = [stream.next() for _ in range(3)]  # 90 of 100; the last 10 are dropped
     seen = torch.cat([b[1] for b in epoch])
@@ -348,6 +351,8 @@ def test_batches_cover_each_epoch_without_replacement_and_are_repeatable():
 
 def test_full_batch_is_the_data_set_in_order():
     x, y = torch.randn(10, 3), torch.randn(10, 3)
+    with pytest.raises(ValueError, match="between 1 and the data set size"):
+        BatchStream(x, y, batch_size=0, seed=0)
     stream = BatchStream(x, y, batch_size=10, seed=0)
     bx, by = stream.next()
     assert bx is x and by is y
@@ -384,18 +389,19 @@ def test_a_stream_saved_on_another_device_continues_its_order_unless_it_augments
         BatchStream(x, y, batch_size=7, seed=1, augment=True).load_state_dict(state)
 
 
-@pytest.mark.parametrize("pad_value", [None, -3.0])
+@pytest.mark.parametrize("pad_value", [None, (-1.0, -2.0, -3.0)])
 def test_crop_and_flip_shift_and_mirror_each_image(pad_value):
-    image = torch.arange(16.0).view(1, 1, 4, 4)
+    image = torch.arange(48.0).view(1, 3, 4, 4)
     x = image.repeat(200, 1, 1, 1)
-    fill = None if pad_value is None else torch.tensor([pad_value])
+    fill = None if pad_value is None else torch.tensor(pad_value)
     out = BatchStream(x, torch.zeros(200), batch_size=200, seed=0, augment=True, crop_padding=1,
                       pad_value=fill).next()[0]
-    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), value=pad_value or 0.0)[0, 0]
-    candidates = [padded[dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
-    candidates += [c.flip(1) for c in candidates]
+    padded = torch.stack([torch.nn.functional.pad(image[0, c], (1, 1, 1, 1), value=(pad_value or (0.0,) * 3)[c])
+                          for c in range(3)])  # each channel with its own value
+    candidates = [padded[:, dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
+    candidates += [c.flip(2) for c in candidates]
     found = set()
-    for img in out[:, 0]:
+    for img in out:
         matches = [i for i, c in enumerate(candidates) if torch.equal(img, c)]
         assert matches, "every augmented image is a padded crop, possibly mirrored"
         found.add(matches[0])

@@ -622,6 +622,31 @@ def test_a_stage_writing_into_its_input_does_not_corrupt_the_shared_prefix():
     assert_bit_for_bit(fast, naive)
 
 
+class TwoLinears(nn.Module):
+    """One stage of a Sequential that holds two layers."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_stage_holding_two_layers_moves_the_first_for_the_second():
+    """Layer 2's G' needs layer 1 (in the same stage) at its stepped value: the stage cannot be the prefix's
+    boundary for both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), TwoLinears(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    layers_of = lambda m: [list(m[0].parameters()), list(m[2].a.parameters()), list(m[2].b.parameters()),  # noqa: E731
+                           list(m[4].parameters())]
+    batch = (torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    fast = ics_gradients(model, sum_squares, batch, optimizer, layers_of(model))
+    naive = brute_force_ics(model, sum_squares, batch, optimizer, layers_of=layers_of)
+    assert_bit_for_bit(fast, naive)
+
+
 def test_work_of_each_scheme_in_closed_form():
     """The shared-prefix scheme does exactly its work: a K-layer linear chain (no norm), counted in matrix
     products of one layer on the batch (forward, input gradient or weight gradient: 2 n d^2 FLOPs each).

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -175,8 +176,12 @@ def test_an_evaluation_that_overflows_makes_beta_undefined_in_any_order(batched,
 
 def test_bad_arguments_are_refused():
     a, w, _, _ = quadratic()
-    with pytest.raises(ValueError, match="positive"):
-        probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1, -1.0])
+    for etas in ([0.1, -1.0], [0.0], [float("nan")], [float("inf")]):
+        with pytest.raises(ValueError, match="positive"):
+            probe_landscape(Quadratic(a, w), loss_is_output, BATCH, etas)
+    with pytest.raises(ValueError, match="random state of 1 CUDA devices"):  # a CUDA model's state, on the CPU
+        probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1],
+                        rng_state=(torch.get_rng_state(), [torch.get_rng_state()]))
     with pytest.raises(ValueError, match="one tensor per trainable parameter"):
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
     with pytest.raises(ValueError, match="one tensor per trainable parameter"):  # a state dict's keys are names
@@ -523,6 +528,10 @@ def test_every_pass_starts_from_the_same_module_state(kind):
     both = probe_landscape(model, loss_fn, batch, [0.1, 0.2])
     alone = probe_landscape(model, loss_fn, batch, [0.2])
     assert (both["loss"][1], both["grad_diff"][1]) == (alone["loss"][0], alone["grad_diff"][0])
+    if kind == "counter reassigned":  # the one vmap can run: its batched passes start from that state too
+        batched = probe_landscape(model, loss_fn, batch, [0.1, 0.2], batched=True)
+        np.testing.assert_allclose(batched["loss"], both["loss"], rtol=1e-12)
+        np.testing.assert_allclose(batched["grad_diff"], both["grad_diff"], rtol=1e-9)
     assert {name: b for name, b in model.named_buffers()}.keys() == buffers.keys()
     for name, b in model.named_buffers():
         assert b is buffers[name][0] and torch.equal(b, buffers[name][1]), name
@@ -700,3 +709,22 @@ def test_an_embedding_renormalising_its_weight_is_left_as_it_was():
     renormalised = copy.deepcopy(model)
     renormalised(BAG_BATCH[0])  # what every pass of the probe sees: the looked-up rows rescaled
     assert probe_landscape(renormalised, loss_fn, BAG_BATCH, [0.1, 0.5], batched=False) == land
+
+
+def test_the_in_loop_probe_takes_its_configured_batched_setting():
+    """``probes.landscape.batched=true`` reaches probe_landscape: on a model with dropout (which draws from the
+    global generator) it is refused, where ``auto`` would quietly take the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+
+    def probe(batched):
+        landscape = LandscapeProbe(model, F.cross_entropy, lambda *a, **k: None, [0.1], 1, "gradient", 0, batched)
+        landscape.before_forward(0)
+        model.zero_grad()
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        landscape.after_backward(0, batch)
+
+    probe("auto")
+    with pytest.raises(ValueError, match="batched=True"):
+        probe(True)

@@ -134,7 +134,7 @@ def noise_of(layer: NoisyNorm, shape, step: int) -> tuple[torch.Tensor, torch.Te
 
 
 def test_noise_moments_over_many_draws_match_algorithm_1():
-    spec = NoiseSpec(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.1)
+    spec = NoiseSpec(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.2)  # r's differ, so a swap of them shows
     layer = NoisyNorm(NoNorm(4), spec, seed=3, layer_key=0)
     mus, sigmas = [], []
     for step in range(400):
@@ -148,14 +148,14 @@ def test_noise_moments_over_many_draws_match_algorithm_1():
     # mu_j ~ U(-0.5, 0.5): mean 0, variance 1/12; sigma_j ~ U(1, 1.25): mean 1.125, variance 0.0625/12
     assert mus.abs().max() <= 0.5 + 0.02
     assert abs(mus.mean()) < 0.03 and abs(mus.var() - 1 / 12) < 0.01
-    assert sigmas.min() >= 1 - 0.02 and sigmas.max() <= 1.25 + 0.02
+    assert sigmas.min() >= 1 - 0.05 and sigmas.max() <= 1.25 + 0.05  # up to the elements' spread (0.2 / 16)
     assert abs(sigmas.mean() - 1.125) < 0.01 and abs(sigmas.var() - 0.0625 / 12) < 0.001
-    # per element: m_ij - mu_j ~ U(-0.1, 0.1) (variance 0.01/3) and s_ij - sigma_j ~ N(0, 0.1^2)
+    # per element: m_ij - mu_j ~ U(-0.1, 0.1) (variance 0.01/3) and s_ij - sigma_j ~ N(0, 0.2^2)
     s, m = noise_of(layer, (20000, 4), 999)
     within_m, within_s = m - m.mean(0), s - s.mean(0)
     assert abs(within_m.var() - 0.01 / 3) < 2e-4
-    assert abs(within_s.var() - 0.01) < 4e-4
-    assert abs(((within_s / 0.1) ** 4).mean() - 3) < 0.15  # Gaussian kurtosis, not uniform's 1.8
+    assert abs(within_s.var() - 0.04) < 1.6e-3
+    assert abs(((within_s / 0.2) ** 4).mean() - 3) < 0.15  # Gaussian kurtosis, not uniform's 1.8
 
 
 def test_noise_is_per_unit_and_per_element_on_conv_activations():

@@ -108,6 +108,7 @@ def test_a_recipe_whose_jobs_failed_names_them_and_draws_nothing(workspace, tmp_
     (["smoke", "+experiment=fig2"], "error: +experiment=fig2: a recipe sets"),
     (["tiny"], "error: scale 'tiny' is none of cpu, paper, smoke"),
     (["smoke", "model=mlp"], "error: model=mlp: a recipe sets"),
+    (["smoke", "scale=paper"], "error: scale=paper: a recipe sets"),
     (["smoke", "-m"], "error: -m: a recipe takes [scale] [overrides...] and --help, no other options"),
 ])
 def test_a_recipe_refuses_arguments_that_would_place_runs_under_other_settings(tmp_path, arguments, message):

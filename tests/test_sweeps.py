@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 import bnopt.train
 from bnopt.rundir import RunDirectory
 from bnopt.sweeps import gpu_slot, index_rows, job_threads
-from conftest import REPO, read_rows, run_cli, train_run
+from conftest import REPO, compose_config, read_rows, run_cli, train_run
 
 
 def launcher(target: str, **fields):
@@ -332,3 +332,16 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     assert first[1] == pytest.approx(first[0], rel=1e-5)  # the same network on the same first batch
     # Compiled kernels fuse and reorder float32 arithmetic; over the run the loss drifts by ~1e-4 relative.
     assert compiled["final"]["train/loss"] == pytest.approx(eager["final"]["train/loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("status, listed", [("completed", False), ("diverged", False), ("interrupted", True),
+                                            ("failed", True), ("running", True)])
+def test_a_diverged_job_has_finished_its_run(tmp_path, status, listed):
+    """A learning-rate sweep expects runs to diverge: such a job must not stop a recipe."""
+    from bnopt.hydra_callbacks import why_not_this_jobs_run
+
+    config = OmegaConf.to_container(compose_config("+experiment=dln_bn", "scale=smoke"), resolve=True)
+    run = RunDirectory(tmp_path)
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    run.write_summary({"status": status, "error": "RuntimeError: boom" if status == "failed" else None})
+    assert (why_not_this_jobs_run(run, config) is not None) == listed

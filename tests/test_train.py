@@ -278,6 +278,27 @@ def test_unnormalised_vgg_at_lr_half_diverges_or_is_stuck_but_does_not_crash(tmp
     assert summary["status"] in ("completed", "diverged")
 
 
+def test_evaluation_is_the_whole_test_sets_mean_loss_and_accuracy_in_eval_mode():
+    """In batches that do not divide the test set, the logged values are the whole set's, with the running
+    statistics, and the model goes back to training mode."""
+    from bnopt.data import TensorData
+    from bnopt.train import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)).double()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2)
+    x, y = torch.randn(103, 6, dtype=torch.float64), torch.randint(0, 3, (103,))
+    data = TensorData("t", x, y, x, y, 3, torch.nn.functional.cross_entropy)
+    logged = {}
+    evaluate(model, data, 10, 0, lambda step, name, value: logged.update({name: value}))
+    assert model.training
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert logged["test/loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(), rel=1e-12)
+    assert logged["test/acc"] == (out.argmax(1) == y).double().mean().item()
+
+
 def test_a_runs_crops_pad_with_black(tmp_path, mnist_root, monkeypatch):
     """The loop hands the batches the value a black pixel loads as (per-channel normalised: below 0)."""
     import bnopt.train

@@ -52,8 +52,8 @@ def probe_landscape(
     Returns ``{"eta": [...], "loss": [...], "grad_diff": [...], "beta": float, "grad_norm": float}``.
     """
     etas = [float(e) for e in etas]
-    if not etas or any(not e > 0 for e in etas):
-        raise ValueError(f"etas must be a non-empty list of positive step sizes; got {etas}")
+    if not etas or any(not 0 < e < math.inf for e in etas):
+        raise ValueError(f"etas must be a non-empty list of positive, finite step sizes; got {etas}")
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
