@@ -92,9 +92,9 @@ def activation_stability(runs: list[Run]) -> str:
         rows = []
         for norm in ("none", "batchnorm", "noisy_batchnorm"):
             run = first_logging(select(vgg, norm__name=norm, optim__lr=0.1), "act/mean")
+            if run is None:
+                continue
             for layer in (2, 9, 13):
-                if run is None:
-                    continue
                 mean, var = run.series("act/mean", layer), run.series("act/var", layer)
                 if not len(mean):
                     continue

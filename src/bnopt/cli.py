@@ -79,9 +79,9 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 def failed(err: Exception) -> dict:
-    """What a sweep's job returns when it failed, for the callbacks: its run directory may hold a finished run
-    of the same config (a command refused for a bad value leaves it as it was), which must not pass for this
-    job's result."""
+    """A failed job's status and error, as its summary records them and as a sweep's job returns them for the
+    callbacks: its run directory may hold a finished run of the same config (a command refused for a bad value
+    leaves it as it was), which must not pass for this job's result."""
     return {"status": "failed", "error": f"{type(err).__name__}: {err}"}
 
 
@@ -107,6 +107,6 @@ def record_failure(run_dir: Path, err: Exception, job: dict) -> None:
         with run.claimed():
             previous = run.read_summary() or {"job": job}
             if previous.get("status") not in FINISHED:
-                run.write_summary({**previous, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+                run.write_summary({**previous, **failed(err)})
     except (RunBusyError, OSError):
         pass  # another process's run, or an unwritable directory (itself the error being reported)

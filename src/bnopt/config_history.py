@@ -1,4 +1,5 @@
-"""Config keys added after runs had been written without them.
+"""How stored configs compare: the keys that are no part of a run's identity, and config keys added after
+runs had been written without them.
 
 A run directory records its resolved config. When a key is added later, the runs written before it lack
 it; :func:`with_keys_added_later` reads them with the value that computes what they computed, wherever a
@@ -10,6 +11,11 @@ from __future__ import annotations
 
 import copy
 from typing import Any, Callable
+
+# Keys that label or place a run without changing what it computes: a checkpoint written under another name,
+# thread count, device or data location is the same run (two figures' sweeps reach one run under different
+# names; a requeued job may land on another GPU, or on a node that keeps the data elsewhere, without internet).
+NOT_IDENTITY = ("name", "threads", "device", "data.root", "data.download", "data.search_paths")
 
 
 def _at(config: dict, dotted: str) -> Any:

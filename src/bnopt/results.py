@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bnopt.config_history import with_keys_added_later
+from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.rundir import METRICS_HEADER
 
 Warn = Callable[[str], None]
@@ -154,9 +154,9 @@ def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
 
 # --- grouping ----------------------------------------------------------------------------------------
 
-# Keys that never distinguish what a run shows: labels, bookkeeping, and everything resolved from them.
-IGNORED = ("name", "threads", "device", "data.root", "data.download", "data.search_paths", "train.eval_batch_size",
-           "train.checkpoint_every")
+# Keys that never distinguish what a run shows: what is no part of its identity, bookkeeping, and everything
+# resolved from them.
+IGNORED = (*NOT_IDENTITY, "train.eval_batch_size", "train.checkpoint_every")
 
 
 def varying_keys(runs: list[Run], ignore: Iterable[str] = IGNORED) -> list[str]:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bnopt.build import build_model, build_optimizer, resolve_device
 from bnopt.config import check_against_run, check_config
-from bnopt.config_history import with_keys_added_later
+from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import build_probes
@@ -43,10 +43,6 @@ FINISHED = ("completed", "diverged")
 # A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
 # the run's train.log; called as a library, train() says nothing unless the caller configures logging.
 logger = logging.getLogger("bnopt")
-# Keys that label or place a run without changing what it computes: a checkpoint written under another name,
-# thread count, device or data location is the same run (two figures' sweeps reach one run under different
-# names; a requeued job may land on another GPU, or on a node that keeps the data elsewhere, without internet).
-NOT_IDENTITY = ("name", "threads", "device", "data.root", "data.download", "data.search_paths")
 
 
 class ResumeError(RuntimeError):
