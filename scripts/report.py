@@ -19,7 +19,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.figures import LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_sets  # noqa: E402
-from bnopt.results import Run, committed_result_dirs, load_runs, select  # noqa: E402
+from bnopt.results import Run, committed_result_dirs, completed, load_runs, select, unfinished_note  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,15 +45,13 @@ def final(run: Run, metric: str) -> float | None:
     return float(s.iloc[-1]) if len(s) else None
 
 
-def not_diverged(runs: list[Run]) -> list[Run]:
-    """The runs whose last values are a trained network's: a diverged run's are those of its last finite
-    logging step, which may be its untrained start."""
-    return [r for r in runs if r.status != "diverged"]
-
-
 def median_over_training(run: Run, metric: str, layer: int | None = None) -> float | None:
     s = run.series(metric, layer)
     return float(s.median()) if len(s) else None
+
+
+def with_note(note: str) -> str:
+    return f"\n\n{note}" if note else ""
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -77,12 +75,13 @@ def vgg_training(runs: list[Run]) -> str:
             if not chosen:
                 continue
             rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
-                         seeds([final(r, "train/acc") for r in not_diverged(chosen)]),
-                         seeds([final(r, "test/acc") for r in not_diverged(chosen)]),
+                         seeds([final(r, "train/acc") for r in completed(chosen)]),
+                         seeds([final(r, "test/acc") for r in completed(chosen)]),
                          ", ".join(sorted({r.status for r in chosen}))])
         out.append(f"**VGG training** ({name}):\n\n" + table(
             ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)",
-             "final train acc (batch; not diverged)", "final test acc (not diverged)", "status"], rows))
+             "final train acc (batch; completed runs)", "final test acc (completed runs)", "status"], rows)
+            + with_note(unfinished_note(vgg)))
     return "\n\n".join(out)
 
 
@@ -173,10 +172,10 @@ def dln_losses(runs: list[Run]) -> str:
         for norm in LP_VARIANTS:
             chosen = select(dln, norm__name=norm, optim__lr=1e-6)
             if chosen:
-                rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in not_diverged(chosen)]),
+                rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in completed(chosen)]),
                              seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
         out.append(f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n"
-                   + table(["variant", "final loss (not diverged)", "initial loss"], rows))
+                   + table(["variant", "final loss (completed runs)", "initial loss"], rows) + with_note(unfinished_note(dln)))
     return "\n\n".join(out)
 
 
@@ -220,13 +219,14 @@ def lr_sweep(runs: list[Run]) -> str:
             classification = frame.acc.notna().any()
             rows = []
             for (norm, lr), group in frame.groupby(["norm", "lr"]):
-                finished = group[group.status != "diverged"]
+                finished = group[group.status == "completed"]
                 row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
                        seeds(finished.loss.tolist())]
                 rows.append(row + [seeds(finished.acc.tolist())] if classification else row)
-            columns = ["variant", "lr", "diverged", "final train loss (not diverged)"]
+            columns = ["variant", "lr", "diverged", "final train loss (completed runs)"]
             out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
-                columns + ["final test acc (not diverged)"] if classification else columns, rows))
+                columns + ["final test acc (completed runs)"] if classification else columns, rows)
+                + with_note(unfinished_note(rs)))
     return "\n\n".join(out)
 
 

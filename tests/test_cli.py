@@ -176,6 +176,18 @@ def test_an_unwritable_output_directory_is_refused(tmp_path):
         train_run(tmp_path / "file" / "run", "+experiment=dln_bn", "scale=smoke")
 
 
+def test_checking_a_directory_leaves_another_process_s_check_alone(tmp_path):
+    """Processes that check one directory at once (two recipes sharing a sweep directory) each write and delete
+    a probe file there; with one shared name each deleted the other's, which then found the directory
+    "not writable (No such file or directory)"."""
+    from bnopt.rundir import RunDirectory
+
+    others = tmp_path / ".write-test"  # another process's probe, between its write and its delete
+    others.write_text("")
+    RunDirectory(tmp_path).ensure_writable()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".write-test"]  # its own probe gone, the other's kept
+
+
 # --- the command line ----------------------------------------------------------------------------------
 
 

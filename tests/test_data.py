@@ -1,6 +1,8 @@
 """Data loading from the real on-disk formats, clear errors when files are missing or damaged, tensor batching."""
 
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,36 @@ def test_failed_download_is_a_clear_error_not_fake_data(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("MNIST not found in ")
     assert f"{tmp_path}, {tmp_path / 'MNIST' / 'raw'}, {shared}, and downloading" in message
+
+
+def test_jobs_that_find_the_data_missing_at_once_download_it_one_at_a_time(tmp_path, monkeypatch):
+    """The jobs of a parallel sweep start together and all find the data missing; two downloads into one
+    folder at once write over each other's archive. The second waits, then finds the files there."""
+    import torchvision.datasets
+
+    downloads, inside, most_inside = [], [0], [0]
+
+    class SlowDownload:  # torchvision's way: nothing to do when the files are there
+        def __init__(self, root, train, download):
+            inside[0] += 1
+            most_inside[0] = max(most_inside[0], inside[0])
+            time.sleep(0.3)
+            raw = Path(root) / "MNIST" / "raw"
+            if not raw.exists():
+                write_mnist(raw)
+                downloads.append(raw)
+            inside[0] -= 1
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", SlowDownload)
+    loaded = []
+    jobs = [threading.Thread(target=lambda: loaded.append(load_mnist_format("mnist", tmp_path, download=True)))
+            for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert most_inside == [1] and len(downloads) == 1 and len(loaded) == 2
+    assert all(np.array_equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
 
 
 def write_official_lookalike(directory, name, test_labels=None):
@@ -387,6 +419,40 @@ def test_a_stream_saved_on_another_device_continues_its_order_unless_it_augments
     assert all(torch.equal(b.next()[1], e) for e in expected)
     with pytest.raises(ValueError, match="augmentation draws were made on cuda and cannot continue on cpu"):
         BatchStream(x, y, batch_size=7, seed=1, augment=True).load_state_dict(state)
+
+
+def test_augmentation_draws_from_a_stream_of_its_own():
+    """Seeded with seed + 1, the crops of seed s were drawn with the bits of seed s+1's model initialisation
+    and shuffling (both streams start from manual_seed(s+1)): a seed sweep's runs were not independent."""
+    x, y = torch.randn(50, 1, 4, 4), torch.arange(50)
+    for seed in (0, 1, 7):
+        stream = BatchStream(x, y, batch_size=7, seed=seed, augment=True)
+        augment_state = stream.augment_generator.get_state()
+        for other in (seed - 1, seed, seed + 1):
+            if other >= 0:
+                assert not torch.equal(augment_state, torch.Generator().manual_seed(other).get_state())
+
+
+def test_the_draws_of_seed_0_are_pinned():
+    """Golden values: the committed runs were made with these draws. Changing how the order or the crops
+    are drawn changes every run of that kind; do it on purpose, with the runs regenerated."""
+    x = torch.arange(6 * 16.0).view(6, 1, 4, 4)
+    stream = BatchStream(x, torch.arange(6), batch_size=3, seed=0, augment=True, crop_padding=1)
+
+    def crop_of(image: torch.Tensor, out: torch.Tensor) -> tuple[int, int, bool]:
+        padded = torch.nn.functional.pad(image, (1, 1, 1, 1))
+        for dy in range(3):
+            for dx in range(3):
+                for flip in (False, True):
+                    crop = padded[:, dy : dy + 4, dx : dx + 4]
+                    if torch.equal(crop.flip(2) if flip else crop, out):
+                        return dy, dx, flip
+        raise AssertionError("not a padded crop")
+
+    batches = [stream.next() for _ in range(2)]
+    assert [by.tolist() for _, by in batches] == [[2, 5, 3], [0, 1, 4]]  # the order, one epoch
+    assert [[crop_of(x[i], out) for out, i in zip(bx, by)] for bx, by in batches] == [
+        [(1, 1, False), (2, 2, True), (1, 0, False)], [(0, 1, True), (2, 1, False), (2, 1, False)]]
 
 
 @pytest.mark.parametrize("pad_value", [None, (-1.0, -2.0, -3.0)])

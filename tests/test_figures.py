@@ -273,6 +273,44 @@ def test_every_result_set_gets_its_learning_rate_figure_and_report_tables(result
     assert "| BatchNorm | 0.3 | 0/1 |" in sweep.split("(paper-fashion_mnist)")[1]
 
 
+def test_final_values_come_from_completed_runs_alone(tmp_path):
+    """An interrupted, failed or still running run's last values are from partway through training: they
+    were averaged into the report's final values and the learning-rate figure as if trained."""
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100, experiment="lr_sweep_dln", probes=False)
+        fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100)
+        fake_run(tmp_path, "vgg", "batchnorm", 0.1, seed=seed, steps=100)
+    for partway in tmp_path.glob("*-2-*"):  # seed 2 of each was stopped at step 40, loss 50 and accuracy 0.01
+        summary = json.loads((partway / "summary.json").read_text())
+        final = {"train/loss": 50.0, **({"train/acc": 0.01, "test/acc": 0.01} if "vgg" in partway.name else {})}
+        (partway / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "steps": 40,
+                                                          "final": final}))
+        metrics = read_metrics(partway / "metrics.csv")
+        metrics.loc[metrics.name.isin(list(final)), "value"] = metrics.name.map(final)
+        metrics.to_csv(partway / "metrics.csv", index=False)
+    runs = load_runs([tmp_path])
+    report = report_module()
+    trained = [r for r in runs if r.status == "completed"]
+
+    def mean_of(metric, **conditions):
+        values = [r.summary["final"][metric] for r in select(trained, **conditions)]
+        return f"{np.mean(values):.3g} ({min(values):.3g}–{max(values):.3g})"
+
+    assert f"| BatchNorm | 1e-06 | 0/3 | {mean_of('train/loss', name='lr_sweep_dln')} |" in report.lr_sweep(runs)
+    assert f"| BatchNorm | {mean_of('train/loss', name='fig', model__name='dln')} |" in report.dln_losses(runs)
+    assert f"| {mean_of('test/acc', model__name='vgg')} | completed, interrupted |" in report.vgg_training(runs)
+    for section in (report.lr_sweep, report.dln_losses, report.vgg_training):
+        assert "1 run(s) not finished (interrupted 1) are left out of the final values" in section(runs)
+
+    missing = Missing()
+    sweep = select(runs, name="lr_sweep_dln")
+    (points,) = [c.lines[0] for c in fig_lr_sweep({"dln": sweep}, missing).axes[0].containers]
+    assert list(points.get_ydata()) == [np.mean([r.summary["final"]["train/loss"] for r in select(trained, name="lr_sweep_dln")])]
+    assert missing.items == ["DLN lr sweep no norm (norm.name=none)", f"DLN lr sweep BatchNorm: 1 run(s) not finished (interrupted 1) are left out of the final "
+                             f"values: {select(sweep, seed=2)[0].path}"]
+    plt.close("all")
+
+
 def test_lr_sweep_draws_accuracy_only_for_classification(results):
     runs = load_runs([results / "sweeps"])
     fig = fig_lr_sweep({m: select(runs, model__name=m) for m in ("vgg", "dln", "mlp")}, Missing())

@@ -189,6 +189,18 @@ def test_noise_is_a_function_of_seed_layer_and_step_only():
         assert int(other.stdout) == derived_seed(7, "noise", 2, 5)
 
 
+def test_the_noise_of_seed_0_is_pinned():
+    """Golden values: the committed noisy-BN runs were made with these draws (seed 0, layer 2, step 5).
+    Changing how the noise is keyed or drawn changes them; do it on purpose, with the runs regenerated."""
+    noisy = NoisyNorm(torch.nn.Identity(), NoiseSpec(), seed=0, layer_key=2)
+    noisy.step = 5
+    s, m = noisy.draw(torch.Size([2, 3]), torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(s, torch.tensor([[0.968089, 1.109240, 1.353625], [1.169868, 1.236844, 1.280937]]),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(m, torch.tensor([[0.044769, 0.341607, 0.297306], [0.069154, 0.432185, 0.361492]]),
+                               rtol=0, atol=1e-6)
+
+
 def test_noisy_batchnorm_is_batchnorm_then_noise_and_eval_has_no_noise():
     torch.manual_seed(4)
     a = torch.randn(32, 3, dtype=torch.float64) * 2 + 1

@@ -103,6 +103,53 @@ def test_a_recipe_whose_jobs_failed_names_them_and_draws_nothing(workspace, tmp_
     assert "wrote" not in failed.stdout and not (results / "figures").exists()
 
 
+def fake_python(tmp_path: Path, unfinished: str = "") -> dict:
+    """An environment whose `python` records its arguments (one call per line in ``tmp_path/calls``) and trains
+    nothing; given ``unfinished``, each sweep job reports that line to the recipe's record, as UnfinishedJobs
+    does. The recipe's own logic (where each run goes, what it says) runs for real, at any scale, in no time."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        '#!/bin/sh\necho "$*" >> "$FAKE_CALLS"\n'
+        'for a; do case $a in +hydra.callbacks.unfinished_jobs.record=*)\n'
+        '  [ -z "$FAKE_UNFINISHED" ] || echo "$FAKE_UNFINISHED" >> "${a#*=}";; esac; done\n')
+    (bin_dir / "python").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_CALLS": str(tmp_path / "calls"),
+            "FAKE_UNFINISHED": unfinished, "RESULTS": str(tmp_path / "results")}
+
+
+@pytest.mark.parametrize("recipe, sweeps, sets", [
+    ("fig3_ics.sh", ["+experiment=fig3_vgg scale=cpu data=cifar10 hydra.sweep.dir={r}/cpu-cifar10/vgg ",
+                     "+experiment=fig3_dln scale=paper data=gaussian_regression "
+                     "hydra.sweep.dir={r}/paper-gaussian_regression/dln "], "{r}/cpu-cifar10/ {r}/paper-gaussian_regression/"),
+    ("is_fig1_mlp.sh", ["+experiment=is_fig1 scale=paper data=mnist hydra.sweep.dir={r}/paper-mnist/mlp "],
+     "{r}/paper-mnist/"),
+])
+def test_at_cpu_scale_a_recipe_shrinks_vgg_alone(tmp_path, recipe, sweeps, sets):
+    """scale=cpu shrinks VGG only: the MLP and DLN runs are made, and stored, as the paper's runs."""
+    env = fake_python(tmp_path)
+    result = subprocess.run(["bash", str(REPO / "experiments" / recipe), "cpu"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    r = tmp_path / "results"
+    assert len(calls) == len(sweeps) + 1
+    assert all(sweep.format(r=r) in call for sweep, call in zip(sweeps, calls))
+    assert calls[-1].endswith(f"--runs {sets.format(r=r)} --out {r}/figures")
+
+
+@pytest.mark.parametrize("why, advice", [
+    ("another process is training it", "Run the recipe again when the other process has ended"),
+    ("holds a run of another config (optim.lr: 0.1 != 0.2)", "give runs of other overrides their own tree"),
+    ("ended interrupted", "Mend what stopped them"),
+])
+def test_a_recipe_with_unfinished_jobs_says_what_to_do_about_them(tmp_path, why, advice):
+    env = fake_python(tmp_path, unfinished=f"/runs/none_lr0.1_seed0: {why}")
+    result = subprocess.run(["bash", str(REPO / "experiments" / "fig12_lp_dln.sh"), "cpu"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 2 and f"  /runs/none_lr0.1_seed0: {why}" in result.stderr and advice in result.stderr
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1  # no figure drawn
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["smoke", "data=mnist"], "error: data=mnist: a recipe sets the experiments, models, data sets and scale itself"),
     (["smoke", "+experiment=fig2"], "error: +experiment=fig2: a recipe sets"),

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 import bnopt.train
 from bnopt.rundir import RunDirectory
+from bnopt import sweeps
 from bnopt.sweeps import gpu_slot, index_rows, job_threads
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
 
@@ -188,6 +189,41 @@ def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tm
                         f"index: {tmp_path / '4' / 'summary.json'}: unreadable"]
 
 
+def test_the_index_lists_a_job_killed_while_loading_its_data(tmp_path):
+    """Killed before its config.yaml and summary (the data set still loading, or the OOM killer), a job has only
+    Hydra's record of its command; it was left out of the index as if it were no job."""
+    job = tmp_path / "1"
+    (job / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"job": {"num": 1}, "overrides": {"task": ["seed=1"]}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    (job / ".hydra" / "config.yaml").write_text("name: dln_bn\nseed: 1\n")
+    warnings = []
+    assert [(r["job"], r["overrides"], r["status"]) for r in index_rows(tmp_path, warn=warnings.append)] == [
+        ("1", "seed=1", "unknown")]
+    assert warnings == [f"index: {job / 'summary.json'}: missing"]
+
+
+def test_jobs_that_write_the_index_at_once_both_finish(tmp_path, monkeypatch):
+    """The jobs of a cluster sweep stopped together write the index at once. Here a second job writes it while
+    the first is between opening its temporary file and renaming it; with one shared temporary name the first
+    job's rename found the file gone (FileNotFoundError) and its index was lost."""
+    run = tmp_path / "0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "completed", "steps": 3, "job": {"num": 0, "overrides": []}}')
+    rows_of = sweeps.index_rows
+    other_jobs = [lambda: sweeps.write_index(tmp_path)]
+
+    def rows_while_another_job_writes(sweep_dir, warn):
+        while other_jobs:
+            other_jobs.pop()()
+        return rows_of(sweep_dir, warn)
+
+    monkeypatch.setattr(sweeps, "index_rows", rows_while_another_job_writes)
+    sweeps.write_index(tmp_path)
+    assert not other_jobs and [r["status"] for r in read_index(tmp_path)] == ["completed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "index.csv"]  # no temporary file left
+
+
 def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
     """A summary from before it recorded the job (our committed runs): Hydra's .hydra/ names the last command
     started in the directory, here another figure's sweep that found the shared run finished, not the one
@@ -299,6 +335,107 @@ def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tm
     resumed = train_run(tmp_path / "run", *args)
     assert resumed["status"] == "completed" and resumed["final"] == reference["final"] != {}
     assert json.loads((tmp_path / "run/summary.json").read_text())["final"] == reference["final"]
+
+
+def stopped_run(run_dir: Path, monkeypatch, at: int, *args: str) -> dict:
+    """A run stopped (as by a signal) at step ``at``, with its checkpoint there."""
+    real_stop_signals = bnopt.train.stop_signals
+    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(at))))
+    summary = train_run(run_dir, *args)
+    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    assert summary["status"] == "interrupted" and summary["steps"] == at
+    return summary
+
+
+DLN_SMOKE = ("+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]", "train.checkpoint_every=10")
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_found_finished_with_its_summary_written_again(tmp_path):
+    """Killed between its final checkpoint and its summary, a run's summary said "running", steps 0, for good:
+    every later command found the checkpoint finished and returned that summary (the index listed it running,
+    a recipe said another process was training it)."""
+    reference = train_run(tmp_path, *DLN_SMOKE)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**written, "status": "running", "steps": 0, "final": {}}))
+    again = train_run(tmp_path, *DLN_SMOKE)
+    assert (again["status"], again["steps"], again["final"]) == ("completed", 30, reference["final"]) != ("", 0, {})
+    assert json.loads((tmp_path / "summary.json").read_text()) == again
+
+
+@pytest.mark.parametrize("damage", ["rows lost", "a row garbled"])
+def test_a_run_whose_record_lost_rows_before_its_checkpoint_is_not_continued(tmp_path, monkeypatch, damage):
+    """Rows lost before the checkpoint (a full disk, a crash before they reached the disk, a copy cut short)
+    were kept as they were, and the resumed run ended "completed" with a gap in its record."""
+    stopped_run(tmp_path, monkeypatch, 17, *DLN_SMOKE)
+    lines = (tmp_path / "metrics.csv").read_text().splitlines(keepends=True)
+    if damage == "rows lost":
+        del lines[3:6]
+    else:
+        lines[3] = lines[3].replace(",", ";", 1)
+    (tmp_path / "metrics.csv").write_text("".join(lines))
+    with pytest.raises(bnopt.train.ResumeError, match=r"before step 17, where the run had written \d+ by its "
+                                                      r"checkpoint: part of its record is lost"):
+        train_run(tmp_path, *DLN_SMOKE)
+
+
+def test_a_run_whose_histograms_were_lost_is_not_continued(tmp_path, monkeypatch):
+    """The activation probe's histograms of steps before the checkpoint live in activations.npz; without it a
+    resumed run ended with only the histograms recorded after its resume, and said nothing."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=[activations]", "probes.activations.every=5",
+            "train.checkpoint_every=10")
+    stopped_run(tmp_path, monkeypatch, 17, *args)
+    (tmp_path / "activations.npz").unlink()
+    with pytest.raises(bnopt.train.ResumeError, match=r"activations.npz holds 0 histograms before step 17, where "
+                                                      r"the run had recorded 12: part of its record is lost"):
+        train_run(tmp_path, *args)  # steps 0, 5, 10, 15, three layers each
+
+
+def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, monkeypatch):
+    """The last line of a killed run's metrics may be cut anywhere; it comes after the checkpoint, and the
+    resumed run's record is the uninterrupted run's."""
+    reference = train_run(tmp_path / "reference", *DLN_SMOKE)
+    stopped_run(tmp_path / "run", monkeypatch, 17, *DLN_SMOKE)
+    with open(tmp_path / "run" / "metrics.csv", "a") as f:
+        f.write("20,landscape/loss,1.5,,3e-")
+    assert train_run(tmp_path / "run", *DLN_SMOKE)["final"] == reference["final"]
+    assert (tmp_path / "run" / "metrics.csv").read_text() == (tmp_path / "reference" / "metrics.csv").read_text()
+
+
+def test_a_run_resumed_with_other_code_says_which_code_ran_which_steps(tmp_path, monkeypatch, caplog):
+    stopped = stopped_run(tmp_path, monkeypatch, 17, *DLN_SMOKE)
+    monkeypatch.setattr(bnopt.train, "git_commit", lambda: "0123abc-dirty")
+    with caplog.at_level("WARNING", logger="bnopt"):
+        resumed = train_run(tmp_path, *DLN_SMOKE)
+    assert resumed["git_commits"] == [[0, stopped["git_commit"]], [17, "0123abc-dirty"]]
+    assert resumed["git_commit"] == "0123abc-dirty" and resumed["started"] == stopped["started"]
+    assert f"resuming with code at 0123abc-dirty; steps 0 to 16 ran {stopped['git_commit']}" in caplog.text
+
+
+def test_results_without_a_readable_summary_or_config_are_not_overwritten(tmp_path):
+    """A finished run kept without its checkpoint (as the committed results are) whose summary or config.yaml
+    was damaged (a merge conflict, a copy cut short): another config's command trained over it, silently."""
+    train_run(tmp_path, *DLN_SMOKE)
+    (tmp_path / "checkpoint.pt").unlink()
+    metrics = (tmp_path / "metrics.csv").read_bytes()
+    summary = (tmp_path / "summary.json").read_text()
+    (tmp_path / "summary.json").write_text(summary[:50])
+    with pytest.raises(bnopt.train.AnotherConfigError, match="optim.lr: 1e-06 -> 2e-06"):
+        train_run(tmp_path, *DLN_SMOKE, "optim.lr=2e-6")
+    config = (tmp_path / "config.yaml").read_text()
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(bnopt.train.UnknownRunError, match="summary.json cannot be read and .* has no config.yaml"):
+        train_run(tmp_path, *DLN_SMOKE, "optim.lr=2e-6")
+    (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(bnopt.train.ResumeError, match="holds a finished run without its config.yaml"):
+        train_run(tmp_path, *DLN_SMOKE, "optim.lr=2e-6")
+    (tmp_path / "config.yaml").write_text(config[:40] + "\n  - [unclosed")
+    with pytest.raises(bnopt.train.UnknownRunError, match="config.yaml cannot be read"):
+        train_run(tmp_path, *DLN_SMOKE, "optim.lr=2e-6")
+    assert (tmp_path / "metrics.csv").read_bytes() == metrics
+    (tmp_path / "config.yaml").write_text(config)
+    (tmp_path / "summary.json").write_text(summary[:50])
+    assert train_run(tmp_path, *DLN_SMOKE)["status"] == "completed"  # its own config: trained afresh, same run
+    assert (tmp_path / "metrics.csv").read_bytes() == metrics
 
 
 def test_a_requeued_job_on_another_device_or_thread_count_is_the_same_run(tmp_path):

@@ -13,6 +13,7 @@ files that are there but cannot be read (a download cut short, another file unde
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import pickle
 import zlib
@@ -169,7 +170,13 @@ def _download(torchvision_class: str, root: Path, title: str, looked: str) -> No
     import torchvision.datasets
 
     try:
-        getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
+        # One download per root at a time: the jobs of a parallel sweep find the data missing all at once, and
+        # two torchvision downloads into one folder write over each other's archive. The job that waited
+        # finds the files there (torchvision checks before it downloads).
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".download.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
     except Exception as err:  # offline, proxy, checksum: all end the same way for the user
         reason = " ".join(str(err).split())[:300]  # torchvision's message spans lines; ours is one
         raise DatasetNotFoundError(
@@ -378,9 +385,11 @@ class BatchStream:
         # per channel (TensorData.black for a black border); zeros by default
         self.pad_value = torch.zeros(x.shape[1], device=x.device) if pad_value is None else pad_value.to(x)
         # Shuffling draws once per epoch on the CPU; augmentation per batch on the data's device, so
-        # that a GPU run makes no host round-trip per step.
+        # that a GPU run makes no host round-trip per step. The augmentation stream is derived from the
+        # seed: seeded with seed + 1 it was the next seed's model initialisation and shuffling. (The order
+        # stream still starts as the run's global stream does; deriving it changes every committed run.)
         self.order_generator = torch.Generator().manual_seed(seed)
-        self.augment_generator = torch.Generator(device=x.device).manual_seed(seed + 1)
+        self.augment_generator = torch.Generator(device=x.device).manual_seed(derived_seed(seed, "augment"))
         self.order: torch.Tensor | None = None
         self.position = 0
 

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bnopt.config_history import KEYS_ADDED_LATER  # noqa: E402
-from bnopt.results import Run, aggregate, select  # noqa: E402
+from bnopt.results import Run, aggregate, select, unfinished_note  # noqa: E402
 
 COLORS = {"none": "0.35", "batchnorm": "C0", "noisy_batchnorm": "C1", "lp1": "C2", "lp2": "C3", "lpinf": "C4",
           "noisy_none": "C5"}
@@ -439,10 +439,13 @@ def fig_lr_sweep(sets, missing):
             for run in runs:
                 final = run.summary.get("final", {})
                 rows.append({"lr": run.get("optim.lr"), "loss": final.get("train/loss", np.nan),
-                             "acc": final.get("train/acc", np.nan), "diverged": run.status == "diverged"})
+                             "acc": final.get("train/acc", np.nan), "status": run.status})
             table = pd.DataFrame(rows)
+            table["diverged"] = table.status == "diverged"
+            if note := unfinished_note(runs):  # their final values are from partway: no point of the curve
+                missing.items.append(f"{model.upper()} lr sweep {LABELS.get(norm, norm)}: {note}")
             for i, metric in enumerate(("loss", "acc") if classification else ("loss",)):
-                ok = table[~table.diverged].groupby("lr")[metric]
+                ok = table[table.status == "completed"].groupby("lr")[metric]
                 mean = ok.mean()
                 axes[i, j].errorbar(mean.index, mean.values, yerr=[mean - ok.min(), ok.max() - mean], fmt="o-",
                                     color=COLORS.get(norm), label=LABELS.get(norm, norm), capsize=3)

@@ -192,6 +192,23 @@ def select(runs: list[Run], **conditions) -> list[Run]:
     return [r for r in runs if all(matches(r, k, v) for k, v in conditions.items())]
 
 
+def completed(runs: list[Run]) -> list[Run]:
+    """The runs that trained to their last step: final values are theirs alone. A diverged run's last values
+    are those of its last finite step; an interrupted, failed or still running run's are from partway."""
+    return [r for r in runs if r.status == "completed"]
+
+
+def unfinished_note(runs: list[Run]) -> str:
+    """A sentence naming the runs that neither completed nor diverged (left out of final values), or ""."""
+    left_out = [r for r in runs if r.status not in ("completed", "diverged")]
+    if not left_out:
+        return ""
+    statuses = ", ".join(f"{status} {sum(r.status == status for r in left_out)}"
+                         for status in sorted({r.status for r in left_out}))
+    return (f"{len(left_out)} run(s) not finished ({statuses}) are left out of the final values: "
+            + ", ".join(str(r.path) for r in left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
+
+
 def _equal(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9)

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +36,12 @@ METRICS_HEADER = "step,name,value,layer,eta"
 
 class OutputDirError(RuntimeError):
     """The run's output directory cannot be written."""
+
+
+class ResumeError(RuntimeError):
+    """The output directory holds a run that this command cannot continue (a checkpoint it cannot read, a
+    record that lost rows) or must not overwrite. The message ends "choose another output directory"; the CLI
+    adds the key that sets it."""
 
 
 class RunBusyError(RuntimeError):
@@ -54,11 +61,13 @@ class MetricsWriter:
     def __init__(self, path: Path, keep_before_step: int | None = None):
         self.path = path
         self.last: dict[str, float] = {}  # latest train/* and test/* values, for the summary
+        self.rows = 0  # rows in the file; a checkpoint records how many came before it
         if keep_before_step is not None and path.exists():
             # A resumed run's summary must end with the same values as if it had never stopped, also when
             # no train/* row falls between the checkpoint and the end.
-            for row in _truncate_metrics(path, keep_before_step):
-                self._remember(row[1], float(row[2]))
+            kept = metric_rows(path, before_step=keep_before_step)
+            _atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
+            self.last, self.rows = final_values(kept), len(kept)
         else:
             path.write_text(METRICS_HEADER + "\n")
         self._file = open(path, "a", buffering=1)  # line-buffered: every row reaches the OS at once
@@ -67,9 +76,7 @@ class MetricsWriter:
         layer_text = "" if layer is None else str(int(layer))
         eta_text = "" if eta is None else _number(eta)
         self._file.write(f"{int(step)},{name},{_number(value)},{layer_text},{eta_text}\n")
-        self._remember(name, value)
-
-    def _remember(self, name: str, value: float) -> None:
+        self.rows += 1
         if name.startswith(("train/", "test/")):
             self.last[name] = float(value)
 
@@ -77,15 +84,31 @@ class MetricsWriter:
         self._file.close()
 
 
-def _truncate_metrics(path: Path, keep_before_step: int) -> list[list[str]]:
-    """Keep the rows of steps before ``keep_before_step``; return them, split into fields."""
-    kept = []
+def metric_rows(path: Path, before_step: int | None = None) -> list[list[str]]:
+    """The well-formed rows of ``metrics.csv`` (of steps before ``before_step``), split into fields; none if
+    there is no file. A line that is not one (the last, cut short by a kill) is left out."""
+    if not path.exists():
+        return []
+    rows = []
     for line in path.read_text().splitlines()[1:]:
         fields = line.split(",")
-        if len(fields) == 5 and fields[0].isdigit() and int(fields[0]) < keep_before_step:
-            kept.append(fields)
-    _atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
-    return kept
+        if len(fields) == 5 and _well_formed(fields) and (before_step is None or int(fields[0]) < before_step):
+            rows.append(fields)
+    return rows
+
+
+def _well_formed(fields: list[str]) -> bool:
+    step, name, value, layer, eta = fields
+    try:
+        float(value), float(eta or 0)
+    except ValueError:
+        return False
+    return step.isdigit() and bool(name) and (layer == "" or layer.isdigit())
+
+
+def final_values(rows: list[list[str]]) -> dict[str, float]:
+    """The last ``train/*`` and ``test/*`` value of each metric in ``rows``: a summary's ``final``."""
+    return {name: float(value) for _, name, value, _, _ in rows if name.startswith(("train/", "test/"))}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -142,7 +165,9 @@ class RunDirectory:
     def ensure_writable(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test"
+            # A name of its own: processes that check one directory at once (two recipes sharing a sweep
+            # directory) deleted each other's probe and reported the directory unwritable.
+            probe = self.path / f".write-test.{uuid.uuid4().hex}"
             probe.write_text("")
             probe.unlink()
         except OSError as err:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -80,15 +81,18 @@ def limit_threads(threads: int) -> None:
 def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
     """Job number and overrides of the command that trained the run in ``run_dir``: from its summary; else (a
     summary from before it recorded them, or a job killed before it wrote one) from Hydra's ``.hydra/``, but
-    only if that command asked for the run's own config. Hydra rewrites ``.hydra/`` for every command
-    started in the directory, also one refused (another config) or one of another experiment that found the
-    run finished; the command that trained the run is then not known, and both are left empty."""
+    only if that command asked for the run's own config, or no config was written (a job killed while loading
+    its data). Hydra rewrites ``.hydra/`` for every command started in the directory, also one refused
+    (another config) or one of another experiment that found the run finished; the command that trained the
+    run is then not known, and both are left empty."""
     job = (summary or {}).get("job")
     if isinstance(job, dict):
         return ("" if job.get("num") is None else str(job["num"])), " ".join(job.get("overrides") or ())
     try:
         hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
-        if _config(run_dir / ".hydra" / "config.yaml") != _config(run_dir / "config.yaml"):
+        # A job killed before it wrote its config.yaml (loading its data) has only Hydra's record.
+        own = run_dir / "config.yaml"
+        if own.exists() and _config(run_dir / ".hydra" / "config.yaml") != _config(own):
             return "", ""
         return str(hydra["job"].get("num", "")), " ".join(hydra["overrides"]["task"])
     except (OSError, KeyError, TypeError, yaml.YAMLError, OmegaConfBaseException):
@@ -133,8 +137,11 @@ def write_index(sweep_dir: Path, warn=print) -> Path:
     """``<sweep_dir>/index.csv``: one row per run directory in the sweep (job number, overrides, status,
     steps, final metrics, wall time, error)."""
     path = sweep_dir / "index.csv"
-    tmp = path.with_name("index.csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    # A temporary file of its own: the jobs of a cluster sweep stopped together (a time limit) each write
+    # the index at once, and with one shared name one job's rename took the file from under another's.
+    # (tempfile's files are private to their owner; the index is for the whole team to read.)
+    tmp = path.with_name(f"index.csv.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "x", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(index_rows(sweep_dir, warn))

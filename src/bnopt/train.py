@@ -36,7 +36,7 @@ from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import build_probes
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
+from bnopt.rundir import MetricsWriter, ResumeError, RunDirectory, final_values, git_commit, metric_rows
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
@@ -45,13 +45,13 @@ FINISHED = ("completed", "diverged")
 logger = logging.getLogger("bnopt")
 
 
-class ResumeError(RuntimeError):
-    """The output directory holds a checkpoint this run cannot continue from. The message ends "choose
-    another output directory"; the CLI adds the key that sets it."""
-
-
 class AnotherConfigError(ResumeError):
     """The output directory holds a run of another config: its files, summary included, are that run's."""
+
+
+class UnknownRunError(AnotherConfigError):
+    """The output directory holds results whose config or summary cannot be read: they may be another run's,
+    so they are left as they are, summary included."""
 
 
 def train(cfg: DictConfig, run_dir: Path, job: dict | None = None) -> dict:
@@ -92,7 +92,9 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         return summary
     if checkpoint is not None and checkpoint["status"] in FINISHED:
         logger.info("%s: already %s at step %s; not re-running", run.path, checkpoint["status"], checkpoint["step"])
-        return run.read_summary() or {"status": checkpoint["status"], "steps": checkpoint["step"]}
+        return summary_of_finished(run, checkpoint)
+    if checkpoint is not None:
+        check_metrics_kept(run, checkpoint)
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
     device = resolve_device(cfg.device)
@@ -123,12 +125,19 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
             probe.restore(run.path, start)
     noisy_layers = [m for m in model.modules() if isinstance(m, NoisyNorm)]
 
+    commit = git_commit()
+    commits = [[0, commit]] if checkpoint is None else checkpoint.get("git_commits", [[0, "unknown"]])
+    if commits[-1][1] != commit:  # steps before the checkpoint ran other code
+        logger.warning("%s: resuming with code at %s; steps %d to %d ran %s", run.path, commit, commits[-1][0],
+                       start - 1, commits[-1][1])
+        commits = [*commits, [start, commit]]
     summary = {
         "status": "running", "steps": start, "final": {}, "diverged_at_step": None,
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "git_commit": git_commit(), "started": now(), "finished": None, "error": None, "job": job,
+        "torch": torch.__version__, "git_commit": commit, "git_commits": commits,
+        "started": now() if checkpoint is None else checkpoint.get("started", now()), "finished": None,
+        "error": None, "job": job,
     }
     run.write_summary(summary)
     logger.info("%s: %s from step %d of %d on %s", run.path, "resuming" if checkpoint else "training", start,
@@ -137,8 +146,12 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     def save_checkpoint(step: int, status: str) -> None:
         for probe in probes:
             probe.save(run.path)
-        run.save_checkpoint(checkpoint_state(step, status, resolved, model, optimizer, schedule, batches,
-                                             summary["wall_time_s"] + time.perf_counter() - t0))
+        state = checkpoint_state(step, status, resolved, model, optimizer, schedule, batches,
+                                 summary["wall_time_s"] + time.perf_counter() - t0)
+        # what the summary must say if the run is found finished, or resumed: how much of the record came
+        # before this step, which code ran it, since when
+        state.update(metrics_rows=metrics.rows, git_commits=summary["git_commits"], started=summary["started"])
+        run.save_checkpoint(state)
 
     # Plain values for the hot loop: reading an interpolated config value parses it every time.
     log_every, eval_every = cfg.train.log_every, cfg.train.eval_every
@@ -295,20 +308,68 @@ def load_checkpoint(run: RunDirectory, resolved: dict) -> dict | None:
     return state
 
 
+def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
+    """The summary of a run whose checkpoint says it finished. Killed between that checkpoint and its summary,
+    a run's summary said ``running`` for good (each later command found the run finished and returned it):
+    it is written again from the checkpoint and the metrics, with the final values the run ended with."""
+    summary = run.read_summary() or {}
+    status, step = checkpoint["status"], checkpoint["step"]
+    if summary.get("status") == status and summary.get("steps") == step:
+        return summary
+    ended = datetime.fromtimestamp(run.checkpoint.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    summary.update(status=status, steps=step, final=final_values(metric_rows(run.metrics)),
+                   diverged_at_step=step if status == "diverged" else None, wall_time_s=checkpoint["wall_time_s"],
+                   finished=ended, error=None)
+    run.write_summary(summary)
+    logger.warning("%s: its summary did not say it %s; written again from its checkpoint", run.path, status)
+    return summary
+
+
+def check_metrics_kept(run: RunDirectory, checkpoint: dict) -> None:
+    """A run resumes only with every row it wrote before its checkpoint: rows lost since (a full disk, a node
+    that crashed before the rows reached it, a file copied short) would leave a gap in a run that ends
+    ``completed``. Checkpoints from before the count was kept are not checked."""
+    expected = checkpoint.get("metrics_rows")
+    if expected is None:
+        return
+    kept = len(metric_rows(run.metrics, before_step=checkpoint["step"]))
+    if kept != expected:
+        raise ResumeError(f"{run.metrics} holds {kept} well-formed rows before step {checkpoint['step']}, where the "
+                          f"run had written {expected} by its checkpoint: part of its record is lost, so it cannot "
+                          "continue. Move the run away to start it afresh, or choose another output directory")
+
+
 def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:
     """Whether ``run`` holds this config's run, finished, without its checkpoint: the committed results are
     kept without them, and a user may delete them to save space. Its summary says it finished and its
     ``config.yaml`` whose run it is; a finished run of another config is refused, as its checkpoint would be."""
     summary = run.read_summary()
-    if summary is None or summary.get("status") not in FINISHED or not run.config.exists():
+    if summary is None and run.summary.exists():
+        # Damaged (a copy cut short, a merge conflict): whether it finished is unknown, so its results are kept
+        # unless its config.yaml says it is this config's run, which then trains afresh to the same values.
+        if not run.config.exists():
+            raise UnknownRunError(f"{run.summary} cannot be read and {run.path} has no config.yaml to say whose "
+                                  "run it holds; refusing to overwrite its results. Move the run away, or choose "
+                                  "another output directory")
+        refuse_another_config(run.config, read_config_of_results(run), resolved)
+        return False
+    if summary is None or summary.get("status") not in FINISHED:
         return False  # nothing finished here: a run killed before its first checkpoint starts afresh
-    try:
-        config = run.read_config()
-    except Exception as err:
-        raise ResumeError(f"{run.config} of a finished run cannot be read ({type(err).__name__}); refusing to "
-                          "overwrite its results. Move the run away, or choose another output directory") from None
-    refuse_another_config(run.config, config, resolved)
+    if not run.config.exists():
+        raise ResumeError(f"{run.path} holds a finished run without its config.yaml, so whose run it is cannot be "
+                          "told; refusing to overwrite its results. Move the run away, or choose another output "
+                          "directory")
+    refuse_another_config(run.config, read_config_of_results(run), resolved)
     return True
+
+
+def read_config_of_results(run: RunDirectory) -> dict:
+    try:
+        return run.read_config()
+    except Exception as err:
+        raise UnknownRunError(f"{run.config} cannot be read ({type(err).__name__}), so whose run {run.path} holds "
+                              "cannot be told; refusing to overwrite its results. Move the run away, or choose "
+                              "another output directory") from None
 
 
 def refuse_another_config(source: Path, config: dict, resolved: dict) -> None:
