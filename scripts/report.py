@@ -68,12 +68,13 @@ def each_set(runs: list[Run], model: str, lr_sweep: bool = False) -> list[tuple[
 def vgg_training(runs: list[Run]) -> str:
     out = []
     for name, vgg in each_set(runs, "vgg"):
-        rows = []
+        rows, shown = [], []
         for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1),
                          ("lpinf", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01), ("batchnorm", 0.01)]:
             chosen = select(vgg, norm__name=norm, optim__lr=lr)
             if not chosen:
                 continue
+            shown += chosen
             rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
                          seeds([final(r, "train/acc") for r in completed(chosen)]),
                          seeds([final(r, "test/acc") for r in completed(chosen)]),
@@ -81,7 +82,7 @@ def vgg_training(runs: list[Run]) -> str:
         out.append(f"**VGG training** ({name}):\n\n" + table(
             ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)",
              "final train acc (batch; completed runs)", "final test acc (completed runs)", "status"], rows)
-            + with_note(unfinished_note(vgg)))
+            + with_note(unfinished_note(shown)))
     return "\n\n".join(out)
 
 
@@ -168,14 +169,15 @@ def landscape(runs: list[Run]) -> str:
 def dln_losses(runs: list[Run]) -> str:
     out = []
     for name, dln in each_set(runs, "dln"):
-        rows = []
+        rows, shown = [], []
         for norm in LP_VARIANTS:
             chosen = select(dln, norm__name=norm, optim__lr=1e-6)
+            shown += chosen
             if chosen:
                 rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in completed(chosen)]),
                              seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
         out.append(f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n"
-                   + table(["variant", "final loss (completed runs)", "initial loss"], rows) + with_note(unfinished_note(dln)))
+                   + table(["variant", "final loss (completed runs)", "initial loss"], rows) + with_note(unfinished_note(shown)))
     return "\n\n".join(out)
 
 

@@ -223,6 +223,25 @@ def test_jobs_that_find_the_data_missing_at_once_download_it_one_at_a_time(tmp_p
     assert all(np.array_equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
 
 
+def test_a_file_system_without_locks_downloads_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Some cluster mounts refuse flock: the download goes ahead (it did before the lock), with a warning."""
+    import fcntl
+
+    import torchvision.datasets
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    class Download:
+        def __init__(self, root, train, download):
+            write_mnist(Path(root) / "MNIST" / "raw")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Download)
+    assert len(load_mnist_format("mnist", tmp_path, download=True)["train_y"]) == 300
+    assert f"warning: cannot lock {tmp_path / '.download.lock'} (No locks available)" in capsys.readouterr().err
+
+
 def write_official_lookalike(directory, name, test_labels=None):
     """IDX files with the official release's 60,000 training and 10,000 test labels (their start) and one-pixel
     images; ``test_labels`` replaces the test labels."""
@@ -434,8 +453,8 @@ def test_augmentation_draws_from_a_stream_of_its_own():
 
 
 def test_the_draws_of_seed_0_are_pinned():
-    """Golden values: the committed runs were made with these draws. Changing how the order or the crops
-    are drawn changes every run of that kind; do it on purpose, with the runs regenerated."""
+    """Golden values. The committed runs were shuffled with this order (none augments); changing how the order
+    or the crops are drawn changes every run of that kind, so do it on purpose, with such runs regenerated."""
     x = torch.arange(6 * 16.0).view(6, 1, 4, 4)
     stream = BatchStream(x, torch.arange(6), batch_size=3, seed=0, augment=True, crop_padding=1)
 

@@ -280,7 +280,8 @@ def test_final_values_come_from_completed_runs_alone(tmp_path):
         fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100, experiment="lr_sweep_dln", probes=False)
         fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100)
         fake_run(tmp_path, "vgg", "batchnorm", 0.1, seed=seed, steps=100)
-    for partway in tmp_path.glob("*-2-*"):  # seed 2 of each was stopped at step 40, loss 50 and accuracy 0.01
+    fake_run(tmp_path, "vgg", "batchnorm", 0.05, steps=100)  # an lr no table shows: no note names it
+    for partway in [*tmp_path.glob("*-2-*"), *tmp_path.glob("*-0.05-*")]:  # stopped at step 40, loss 50, acc 0.01
         summary = json.loads((partway / "summary.json").read_text())
         final = {"train/loss": 50.0, **({"train/acc": 0.01, "test/acc": 0.01} if "vgg" in partway.name else {})}
         (partway / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "steps": 40,

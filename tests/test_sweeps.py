@@ -222,6 +222,10 @@ def test_jobs_that_write_the_index_at_once_both_finish(tmp_path, monkeypatch):
     sweeps.write_index(tmp_path)
     assert not other_jobs and [r["status"] for r in read_index(tmp_path)] == ["completed"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "index.csv"]  # no temporary file left
+    monkeypatch.setattr(sweeps, "index_rows", lambda sweep_dir, warn: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        sweeps.write_index(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "index.csv"]  # nor after a failure
 
 
 def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
@@ -360,6 +364,10 @@ def test_a_run_killed_after_its_last_checkpoint_is_found_finished_with_its_summa
     again = train_run(tmp_path, *DLN_SMOKE)
     assert (again["status"], again["steps"], again["final"]) == ("completed", 30, reference["final"]) != ("", 0, {})
     assert json.loads((tmp_path / "summary.json").read_text()) == again
+    (tmp_path / "summary.json").unlink()  # gone altogether: what the checkpoint knows of it comes back
+    again = train_run(tmp_path, *DLN_SMOKE)
+    assert (again["status"], again["final"], again["git_commits"], again["started"]) == (
+        "completed", reference["final"], reference["git_commits"], reference["started"])
 
 
 @pytest.mark.parametrize("damage", ["rows lost", "a row garbled"])
@@ -385,20 +393,46 @@ def test_a_run_whose_histograms_were_lost_is_not_continued(tmp_path, monkeypatch
             "train.checkpoint_every=10")
     stopped_run(tmp_path, monkeypatch, 17, *args)
     (tmp_path / "activations.npz").unlink()
+    left = {name: (tmp_path / name).read_bytes() for name in ("metrics.csv", "config.yaml", "summary.json")}
     with pytest.raises(bnopt.train.ResumeError, match=r"activations.npz holds 0 histograms before step 17, where "
                                                       r"the run had recorded 12: part of its record is lost"):
         train_run(tmp_path, *args)  # steps 0, 5, 10, 15, three layers each
+    assert {name: (tmp_path / name).read_bytes() for name in left} == left  # refused before anything changed
+    (tmp_path / "activations.npz").write_bytes(b"not an npz")
+    with pytest.raises(bnopt.train.ResumeError, match=r"activations.npz cannot be read \(\w+\): part of its"):
+        train_run(tmp_path, *args)
 
 
 def test_a_row_cut_short_by_a_kill_is_dropped_on_resume(tmp_path, monkeypatch):
-    """The last line of a killed run's metrics may be cut anywhere; it comes after the checkpoint, and the
-    resumed run's record is the uninterrupted run's."""
+    """The last line of a killed run's metrics may be cut anywhere; it comes after the checkpoint, so the
+    count of rows before it holds and the resume goes on (a false refusal would strand every killed run), to
+    the uninterrupted run's record."""
     reference = train_run(tmp_path / "reference", *DLN_SMOKE)
     stopped_run(tmp_path / "run", monkeypatch, 17, *DLN_SMOKE)
     with open(tmp_path / "run" / "metrics.csv", "a") as f:
         f.write("20,landscape/loss,1.5,,3e-")
     assert train_run(tmp_path / "run", *DLN_SMOKE)["final"] == reference["final"]
     assert (tmp_path / "run" / "metrics.csv").read_text() == (tmp_path / "reference" / "metrics.csv").read_text()
+
+
+def test_a_checkpoint_reaches_the_disk_after_the_record_it_counts(tmp_path, monkeypatch):
+    """After a node crash the checkpoint must not be there without the rows and histograms before it (the
+    resume would refuse the run), nor be an empty file: each is synced before the rename that publishes the
+    checkpoint, and the directory after it."""
+    import bnopt.rundir
+
+    synced = []
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+
+    monkeypatch.setattr(bnopt.rundir.os, "fsync", fsync)
+    train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=[activations]", "train.checkpoint_every=10")
+    checkpoints = [i for i, name in enumerate(synced) if name == "checkpoint.pt.tmp"]
+    assert len(checkpoints) == 3  # steps 10, 20 and the end, 30
+    for i in checkpoints:
+        assert synced[i - 3 : i + 2] == ["activations.tmp.npz", tmp_path.name, "metrics.csv", "checkpoint.pt.tmp",
+                                         tmp_path.name]
 
 
 def test_a_run_resumed_with_other_code_says_which_code_ran_which_steps(tmp_path, monkeypatch, caplog):
@@ -409,6 +443,18 @@ def test_a_run_resumed_with_other_code_says_which_code_ran_which_steps(tmp_path,
     assert resumed["git_commits"] == [[0, stopped["git_commit"]], [17, "0123abc-dirty"]]
     assert resumed["git_commit"] == "0123abc-dirty" and resumed["started"] == stopped["started"]
     assert f"resuming with code at 0123abc-dirty; steps 0 to 16 ran {stopped['git_commit']}" in caplog.text
+
+
+def test_a_checkpoint_from_before_it_kept_the_code_and_start_resumes_with_those_of_the_summary(tmp_path, monkeypatch,
+                                                                                                caplog):
+    stopped = stopped_run(tmp_path, monkeypatch, 17, *DLN_SMOKE)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("git_commits", "started", "metrics_rows")},
+               tmp_path / "checkpoint.pt")
+    with caplog.at_level("WARNING", logger="bnopt"):
+        resumed = train_run(tmp_path, *DLN_SMOKE)
+    assert resumed["status"] == "completed" and "resuming with code" not in caplog.text
+    assert (resumed["git_commits"], resumed["started"]) == ([[0, stopped["git_commit"]]], stopped["started"])
 
 
 def test_results_without_a_readable_summary_or_config_are_not_overwritten(tmp_path):

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import gzip
 import pickle
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,11 @@ def _download(torchvision_class: str, root: Path, title: str, looked: str) -> No
         # finds the files there (torchvision checks before it downloads).
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".download.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as err:  # a file system without locks (some cluster mounts): download unguarded
+                print(f"warning: cannot lock {lock.name} ({err.strerror}); jobs that download at once may write "
+                      "over each other's files", file=sys.stderr)
             getattr(torchvision.datasets, torchvision_class)(str(root), train=True, download=True)
     except Exception as err:  # offline, proxy, checksum: all end the same way for the user
         reason = " ".join(str(err).split())[:300]  # torchvision's message spans lines; ours is one

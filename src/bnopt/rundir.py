@@ -38,12 +38,6 @@ class OutputDirError(RuntimeError):
     """The run's output directory cannot be written."""
 
 
-class ResumeError(RuntimeError):
-    """The output directory holds a run that this command cannot continue (a checkpoint it cannot read, a
-    record that lost rows) or must not overwrite. The message ends "choose another output directory"; the CLI
-    adds the key that sets it."""
-
-
 class RunBusyError(RuntimeError):
     """Another process is training the run in this output directory now. The message ends "choose another
     output directory"; the CLI adds the key that sets it."""
@@ -80,6 +74,11 @@ class MetricsWriter:
         if name.startswith(("train/", "test/")):
             self.last[name] = float(value)
 
+    def sync(self) -> None:
+        """Every row so far on disk: a checkpoint counts them, and a crash must not keep it and lose them."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         self._file.close()
 
@@ -114,7 +113,29 @@ def final_values(rows: list[list[str]]) -> dict[str, float]:
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` with ``tmp``'s data on disk first and the rename after: a node that crashes
+    then leaves the old file or the new one, not an empty one (a rename may reach the disk before the data)."""
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
     os.replace(tmp, path)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # a platform or file system that cannot open a directory: the rename is as durable as it gets
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some network file systems refuse to sync a directory
+    finally:
+        os.close(handle)
 
 
 def _json_safe(value: Any) -> Any:
@@ -194,7 +215,7 @@ class RunDirectory:
     def save_checkpoint(self, state: dict) -> None:
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
         torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
+        replace_durably(tmp, self.checkpoint)
 
 
 RUN_SOURCES = (":/src", ":/configs", ":/train.py")  # what a run's results depend on, from the repository root

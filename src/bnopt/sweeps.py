@@ -141,11 +141,14 @@ def write_index(sweep_dir: Path, warn=print) -> Path:
     # the index at once, and with one shared name one job's rename took the file from under another's.
     # (tempfile's files are private to their owner; the index is for the whole team to read.)
     tmp = path.with_name(f"index.csv.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "x", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(index_rows(sweep_dir, warn))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "x", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
+            writer.writeheader()
+            writer.writerows(index_rows(sweep_dir, warn))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left by a failure; gone already after the rename
     return path
 
 

@@ -34,15 +34,22 @@ from bnopt.config import check_against_run, check_config
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.data import BatchStream, TensorData, load_data
 from bnopt.norms import NoisyNorm, set_noise_step
-from bnopt.probes import build_probes
+from bnopt.probes import ActivationProbe, build_probes
+from bnopt.probes.activations import histogram_steps
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import MetricsWriter, ResumeError, RunDirectory, final_values, git_commit, metric_rows
+from bnopt.rundir import MetricsWriter, RunDirectory, final_values, git_commit, metric_rows
 from bnopt.seeding import seed_everything
 
 FINISHED = ("completed", "diverged")
 # A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
 # the run's train.log; called as a library, train() says nothing unless the caller configures logging.
 logger = logging.getLogger("bnopt")
+
+
+class ResumeError(RuntimeError):
+    """The output directory holds a run that this command cannot continue (a checkpoint it cannot read, a
+    record that lost rows) or must not overwrite. The message ends "choose another output directory"; the CLI
+    adds the key that sets it."""
 
 
 class AnotherConfigError(ResumeError):
@@ -94,7 +101,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         logger.info("%s: already %s at step %s; not re-running", run.path, checkpoint["status"], checkpoint["step"])
         return summary_of_finished(run, checkpoint)
     if checkpoint is not None:
-        check_metrics_kept(run, checkpoint)
+        check_record_kept(run, checkpoint, resolved)
 
     # --- build: data, model, optimiser, probes --------------------------------------------------------
     device = resolve_device(cfg.device)
@@ -125,19 +132,23 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
             probe.restore(run.path, start)
     noisy_layers = [m for m in model.modules() if isinstance(m, NoisyNorm)]
 
-    commit = git_commit()
-    commits = [[0, commit]] if checkpoint is None else checkpoint.get("git_commits", [[0, "unknown"]])
-    if commits[-1][1] != commit:  # steps before the checkpoint ran other code
-        logger.warning("%s: resuming with code at %s; steps %d to %d ran %s", run.path, commit, commits[-1][0],
-                       start - 1, commits[-1][1])
-        commits = [*commits, [start, commit]]
+    commit, started = git_commit(), now()
+    commits = [[0, commit]]
+    if checkpoint is not None:
+        # checkpoints from before they kept these: the summary the run last wrote has them
+        before = run.read_summary() or {}
+        commits = checkpoint.get("git_commits") or [[0, before.get("git_commit", "unknown")]]
+        started = checkpoint.get("started") or before.get("started") or started
+        if commits[-1][1] != commit:  # steps before the checkpoint ran other code
+            logger.warning("%s: resuming with code at %s; steps %d to %d ran %s", run.path, commit,
+                           commits[-1][0], start - 1, commits[-1][1])
+            commits = [*commits, [start, commit]]
     summary = {
         "status": "running", "steps": start, "final": {}, "diverged_at_step": None,
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "git_commit": commit, "git_commits": commits,
-        "started": now() if checkpoint is None else checkpoint.get("started", now()), "finished": None,
-        "error": None, "job": job,
+        "torch": torch.__version__, "git_commit": commit, "git_commits": commits, "started": started,
+        "finished": None, "error": None, "job": job,
     }
     run.write_summary(summary)
     logger.info("%s: %s from step %d of %d on %s", run.path, "resuming" if checkpoint else "training", start,
@@ -151,6 +162,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         # what the summary must say if the run is found finished, or resumed: how much of the record came
         # before this step, which code ran it, since when
         state.update(metrics_rows=metrics.rows, git_commits=summary["git_commits"], started=summary["started"])
+        metrics.sync()
         run.save_checkpoint(state)
 
     # Plain values for the hot loop: reading an interpolated config value parses it every time.
@@ -320,23 +332,37 @@ def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
     summary.update(status=status, steps=step, final=final_values(metric_rows(run.metrics)),
                    diverged_at_step=step if status == "diverged" else None, wall_time_s=checkpoint["wall_time_s"],
                    finished=ended, error=None)
+    if "git_commits" in checkpoint:  # what the checkpoint knows of a summary that is gone
+        summary.update(git_commit=checkpoint["git_commits"][-1][1], git_commits=checkpoint["git_commits"],
+                       started=checkpoint["started"])
     run.write_summary(summary)
     logger.warning("%s: its summary did not say it %s; written again from its checkpoint", run.path, status)
     return summary
 
 
-def check_metrics_kept(run: RunDirectory, checkpoint: dict) -> None:
-    """A run resumes only with every row it wrote before its checkpoint: rows lost since (a full disk, a node
-    that crashed before the rows reached it, a file copied short) would leave a gap in a run that ends
-    ``completed``. Checkpoints from before the count was kept are not checked."""
+def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> None:
+    """A run resumes only with every row and histogram it recorded before its checkpoint: some lost since (a
+    full disk, a file copied short or deleted) would leave a gap in a run that ends ``completed``. Checked
+    before anything in the directory changes. Metrics of checkpoints from before the count was kept are not."""
+    step = checkpoint["step"]
+    lost = "part of its record is lost, so it cannot continue. Move the run away to start it afresh, or choose " \
+           "another output directory"
     expected = checkpoint.get("metrics_rows")
-    if expected is None:
-        return
-    kept = len(metric_rows(run.metrics, before_step=checkpoint["step"]))
-    if kept != expected:
-        raise ResumeError(f"{run.metrics} holds {kept} well-formed rows before step {checkpoint['step']}, where the "
-                          f"run had written {expected} by its checkpoint: part of its record is lost, so it cannot "
-                          "continue. Move the run away to start it afresh, or choose another output directory")
+    kept = len(metric_rows(run.metrics, before_step=step))
+    if expected is not None and kept != expected:
+        raise ResumeError(f"{run.metrics} holds {kept} well-formed rows before step {step}, where the run had "
+                          f"written {expected} by its checkpoint: {lost}")
+    activations = (resolved["probes"] or {}).get("activations")
+    if activations:
+        path = run.path / ActivationProbe.FILE
+        expected = len(range(0, step, activations["every"])) * len(set(activations["layers"]))  # a layer each
+        try:
+            kept = int((histogram_steps(path) < step).sum())
+        except Exception as err:
+            raise ResumeError(f"{path} cannot be read ({type(err).__name__}): {lost}") from None
+        if kept != expected:
+            raise ResumeError(f"{path} holds {kept} histograms before step {step}, where the run had recorded "
+                              f"{expected}: {lost}")
 
 
 def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:

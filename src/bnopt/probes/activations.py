@@ -12,7 +12,6 @@ statistics as they are and are counted beside the histogram, which spans the fin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from bnopt.models import ChainModel
+from bnopt.rundir import replace_durably
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
@@ -34,6 +34,14 @@ def unit_of(layer: int, num_units: int, seed: int) -> int:
     """The randomly chosen unit of layer #``layer``: a function of (seed, layer) only."""
     gen = torch.Generator().manual_seed(derived_seed(seed, "activation-unit", layer))
     return int(torch.randint(num_units, (1,), generator=gen))
+
+
+def histogram_steps(path: Path) -> np.ndarray:
+    """The step of each histogram in ``path`` (an ``activations.npz``); none if there is no such file."""
+    if not path.exists():
+        return np.zeros(0, dtype=np.int64)
+    with np.load(path) as saved:
+        return saved["step"]
 
 
 class ActivationRecorder:
@@ -99,7 +107,7 @@ class ActivationRecorder:
             edges=np.array([r["edges"] for r in self.records], dtype=np.float64).reshape(-1, self.bins + 1),
             nonfinite=np.array([r["nonfinite"] for r in self.records], dtype=np.int64),
         )
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
 
     def load(self, path: Path, before_step: int) -> None:
         """Take back the histograms of an interrupted run, those of steps before ``before_step``."""

@@ -20,7 +20,6 @@ from bnopt.probes.activations import ActivationRecorder
 from bnopt.probes.ics import measure_ics
 from bnopt.probes.landscape import probe_landscape
 from bnopt.probes.observation import RandomState, random_state, zeros_where_missing
-from bnopt.rundir import ResumeError
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
@@ -137,13 +136,7 @@ class ActivationProbe(Probe):
         self.recorder.save(run_dir / self.FILE)
 
     def restore(self, run_dir, step):
-        path = run_dir / self.FILE
-        self.recorder.load(path, before_step=step)
-        expected = len(range(0, step, self.every)) * len(self.recorder.units)  # one per layer and measurement
-        if len(self.recorder.records) != expected:  # the file lost (or never got) some: a run would end without them
-            raise ResumeError(f"{path} holds {len(self.recorder.records)} histograms before step {step}, where "
-                              f"the run had recorded {expected}: part of its record is lost, so it cannot continue. "
-                              "Move the run away to start it afresh, or choose another output directory")
+        self.recorder.load(run_dir / self.FILE, before_step=step)
 
     def close(self):
         self.recorder.remove()
