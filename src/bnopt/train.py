@@ -365,28 +365,28 @@ def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> No
                               f"{expected}: {lost}")
 
 
+KEEP_RESULTS = "refusing to overwrite its results. Move the run away, or choose another output directory"
+
+
 def finished_without_checkpoint(run: RunDirectory, resolved: dict) -> bool:
     """Whether ``run`` holds this config's run, finished, without its checkpoint: the committed results are
     kept without them, and a user may delete them to save space. Its summary says it finished and its
     ``config.yaml`` whose run it is; a finished run of another config is refused, as its checkpoint would be."""
     summary = run.read_summary()
-    if summary is None and run.summary.exists():
-        # Damaged (a copy cut short, a merge conflict): whether it finished is unknown, so its results are kept
-        # unless its config.yaml says it is this config's run, which then trains afresh to the same values.
-        if not run.config.exists():
-            raise UnknownRunError(f"{run.summary} cannot be read and {run.path} has no config.yaml to say whose "
-                                  "run it holds; refusing to overwrite its results. Move the run away, or choose "
-                                  "another output directory")
-        refuse_another_config(run.config, read_config_of_results(run), resolved)
-        return False
-    if summary is None or summary.get("status") not in FINISHED:
+    # A summary that cannot be read (a copy cut short, a merge conflict) may be a finished run's: its results
+    # are kept unless its config.yaml says it is this config's run, which then trains afresh to the same values.
+    damaged = summary is None and run.summary.exists()
+    finished = summary is not None and summary.get("status") in FINISHED
+    if not (damaged or finished):
         return False  # nothing finished here: a run killed before its first checkpoint starts afresh
     if not run.config.exists():
-        raise ResumeError(f"{run.path} holds a finished run without its config.yaml, so whose run it is cannot be "
-                          "told; refusing to overwrite its results. Move the run away, or choose another output "
-                          "directory")
+        # a finished summary stays as it is either way; the error's kind says whether the job failed (a sweep
+        # lists it so) or the directory holds results that may be another run's
+        error = UnknownRunError if damaged else ResumeError
+        what = f"{run.summary} cannot be read" if damaged else f"{run.path} holds a finished run"
+        raise error(f"{what} and no config.yaml says whose run it is; {KEEP_RESULTS}")
     refuse_another_config(run.config, read_config_of_results(run), resolved)
-    return True
+    return finished
 
 
 def read_config_of_results(run: RunDirectory) -> dict:
@@ -394,8 +394,7 @@ def read_config_of_results(run: RunDirectory) -> dict:
         return run.read_config()
     except Exception as err:
         raise UnknownRunError(f"{run.config} cannot be read ({type(err).__name__}), so whose run {run.path} holds "
-                              "cannot be told; refusing to overwrite its results. Move the run away, or choose "
-                              "another output directory") from None
+                              f"cannot be told; {KEEP_RESULTS}") from None
 
 
 def refuse_another_config(source: Path, config: dict, resolved: dict) -> None:
