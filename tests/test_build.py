@@ -10,7 +10,7 @@ from bnopt.build import build_model, build_optimizer, resolve_device
 from bnopt.config import ConfigError
 from bnopt.data import TensorData, sum_squared_loss
 from bnopt.norms import LpNorm, NoisyNorm, NoiseSpec
-from conftest import compose_config
+from conftest import REPO, compose_config
 from test_models import convs
 
 
@@ -101,3 +101,12 @@ def test_data_a_model_cannot_take_is_refused_naming_the_model():
         build_model(compose_config("model=vgg", "data=cifar10"), images(4, 3, 32, 16))
     with pytest.raises(ConfigError, match="the DLN is square: inputs \\(10,\\) and targets \\(5,\\)"):
         build_model(compose_config("+experiment=dln_bn"), regression(8, 10, 5))
+
+
+def test_the_package_is_this_checkout_s_alone():
+    """bnopt was a namespace package (no __init__.py), which merges every bnopt directory on sys.path: a clone
+    tested beside an editable install of another checkout ran modules of both."""
+    import bnopt
+
+    assert bnopt.__file__ == str(REPO / "src" / "bnopt" / "__init__.py")
+    assert list(bnopt.__path__) == [str(REPO / "src" / "bnopt")]
