@@ -75,9 +75,9 @@ def vgg_training(runs: list[Run]) -> str:
             if not chosen:
                 continue
             shown += chosen
+            trained = completed(chosen)
             rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
-                         seeds([final(r, "train/acc") for r in completed(chosen)]),
-                         seeds([final(r, "test/acc") for r in completed(chosen)]),
+                         seeds([final(r, "train/acc") for r in trained]), seeds([final(r, "test/acc") for r in trained]),
                          ", ".join(sorted({r.status for r in chosen}))])
         out.append(f"**VGG training** ({name}):\n\n" + table(
             ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)",
@@ -221,10 +221,10 @@ def lr_sweep(runs: list[Run]) -> str:
             classification = frame.acc.notna().any()
             rows = []
             for (norm, lr), group in frame.groupby(["norm", "lr"]):
-                finished = group[group.status == "completed"]
+                trained = group[group.status == "completed"]
                 row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
-                       seeds(finished.loss.tolist())]
-                rows.append(row + [seeds(finished.acc.tolist())] if classification else row)
+                       seeds(trained.loss.tolist())]
+                rows.append(row + [seeds(trained.acc.tolist())] if classification else row)
             columns = ["variant", "lr", "diverged", "final train loss (completed runs)"]
             out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
                 columns + ["final test acc (completed runs)"] if classification else columns, rows)

@@ -280,6 +280,16 @@ class StopAtStep:
         return self.checks > self.n
 
 
+def stopped_run(run_dir: Path, monkeypatch, at: int, *args: str) -> dict:
+    """A run stopped (as by a signal) at step ``at``, with its checkpoint there."""
+    real_stop_signals = bnopt.train.stop_signals
+    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(at))))
+    summary = train_run(run_dir, *args)
+    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    assert summary["status"] == "interrupted" and summary["steps"] == at
+    return summary
+
+
 @pytest.mark.parametrize("stop_after, noise_in_evaluation", [(7, False), (18, True)])  # 18: evaluates first
 def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, cifar_root, monkeypatch, stop_after,
                                                                      noise_in_evaluation):
@@ -291,11 +301,7 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, c
             "train.steps=24", "train.checkpoint_every=5", f"data.root={cifar_root}", "data.download=false",
             f"norm.noise.train_only={not noise_in_evaluation}")
     train_run(tmp_path / "reference", *args)
-    real_stop_signals = bnopt.train.stop_signals
-    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(stop_after))))
-    interrupted = train_run(tmp_path / "run", *args)
-    assert interrupted["status"] == "interrupted" and interrupted["steps"] == stop_after
-    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    stopped_run(tmp_path / "run", monkeypatch, stop_after, *args)  # interrupted at stop_after
     resumed = train_run(tmp_path / "run", *args)
     assert resumed["status"] == "completed" and resumed["steps"] == 24
     assert (tmp_path / "run/metrics.csv").read_text() == (tmp_path / "reference/metrics.csv").read_text()
@@ -332,23 +338,10 @@ def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tm
     summary's final values still are the run's last ones, as a sweep's index and the figures read them."""
     args = ("+experiment=dln_bn", "scale=smoke", "probes=none")
     reference = train_run(tmp_path / "reference", *args)
-    real_stop_signals = bnopt.train.stop_signals
-    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(27))))
-    assert train_run(tmp_path / "run", *args)["steps"] == 27
-    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
+    stopped_run(tmp_path / "run", monkeypatch, 27, *args)  # interrupted at step 27
     resumed = train_run(tmp_path / "run", *args)
     assert resumed["status"] == "completed" and resumed["final"] == reference["final"] != {}
     assert json.loads((tmp_path / "run/summary.json").read_text())["final"] == reference["final"]
-
-
-def stopped_run(run_dir: Path, monkeypatch, at: int, *args: str) -> dict:
-    """A run stopped (as by a signal) at step ``at``, with its checkpoint there."""
-    real_stop_signals = bnopt.train.stop_signals
-    monkeypatch.setattr(bnopt.train, "stop_signals", contextlib.contextmanager(lambda: (yield StopAtStep(at))))
-    summary = train_run(run_dir, *args)
-    monkeypatch.setattr(bnopt.train, "stop_signals", real_stop_signals)
-    assert summary["status"] == "interrupted" and summary["steps"] == at
-    return summary
 
 
 DLN_SMOKE = ("+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]", "train.checkpoint_every=10")

@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
-from bnopt.rundir import OutputDirError, RunBusyError, RunDirectory
+from bnopt.rundir import FINISHED, OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import announce_index, gpu_slot, job_threads, limit_threads
-from bnopt.train import FINISHED, AnotherConfigError, ResumeError, train
+from bnopt.train import AnotherConfigError, ResumeError, train
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,

@@ -19,9 +19,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from bnopt.rundir import OutputDirError, RunDirectory
+from bnopt.rundir import FINISHED, OutputDirError, RunDirectory
 from bnopt.sweeps import announce_index
-from bnopt.train import FINISHED, identity_differences
+from bnopt.train import identity_differences
 
 
 def _require_writable(directory: str, key: str) -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
-from bnopt.rundir import METRICS_HEADER
+from bnopt.rundir import FINISHED, METRICS_HEADER
 
 Warn = Callable[[str], None]
 
@@ -200,7 +200,7 @@ def completed(runs: list[Run]) -> list[Run]:
 
 def unfinished_note(runs: list[Run]) -> str:
     """A sentence naming the runs that neither completed nor diverged (left out of final values), or ""."""
-    left_out = [r for r in runs if r.status not in ("completed", "diverged")]
+    left_out = [r for r in runs if r.status not in FINISHED]
     if not left_out:
         return ""
     statuses = ", ".join(f"{status} {sum(r.status == status for r in left_out)}"

@@ -32,6 +32,9 @@ except ImportError:  # not POSIX (Windows): run directories are not locked
     fcntl = None
 
 METRICS_HEADER = "step,name,value,layer,eta"
+FINAL_PREFIXES = ("train/", "test/")  # the metrics whose last values are a summary's ``final``
+# The statuses of a run that ended by itself, at its last step or where it diverged.
+FINISHED = ("completed", "diverged")
 
 
 class OutputDirError(RuntimeError):
@@ -54,7 +57,7 @@ class MetricsWriter:
 
     def __init__(self, path: Path, keep_before_step: int | None = None):
         self.path = path
-        self.last: dict[str, float] = {}  # latest train/* and test/* values, for the summary
+        self.last: dict[str, float] = {}  # latest values of the FINAL_PREFIXES metrics, for the summary
         self.rows = 0  # rows in the file; a checkpoint records how many came before it
         if keep_before_step is not None and path.exists():
             # A resumed run's summary must end with the same values as if it had never stopped, also when
@@ -71,7 +74,7 @@ class MetricsWriter:
         eta_text = "" if eta is None else _number(eta)
         self._file.write(f"{int(step)},{name},{_number(value)},{layer_text},{eta_text}\n")
         self.rows += 1
-        if name.startswith(("train/", "test/")):
+        if name.startswith(FINAL_PREFIXES):
             self.last[name] = float(value)
 
     def sync(self) -> None:
@@ -107,7 +110,7 @@ def _well_formed(fields: list[str]) -> bool:
 
 def final_values(rows: list[list[str]]) -> dict[str, float]:
     """The last ``train/*`` and ``test/*`` value of each metric in ``rows``: a summary's ``final``."""
-    return {name: float(value) for _, name, value, _, _ in rows if name.startswith(("train/", "test/"))}
+    return {name: float(value) for _, name, value, _, _ in rows if name.startswith(FINAL_PREFIXES)}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

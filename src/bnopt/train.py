@@ -37,10 +37,9 @@ from bnopt.norms import NoisyNorm, set_noise_step
 from bnopt.probes import ActivationProbe, build_probes
 from bnopt.probes.activations import histogram_steps
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import MetricsWriter, RunDirectory, final_values, git_commit, metric_rows
+from bnopt.rundir import FINISHED, MetricsWriter, RunDirectory, final_values, git_commit, metric_rows
 from bnopt.seeding import seed_everything
 
-FINISHED = ("completed", "diverged")
 # A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
 # the run's train.log; called as a library, train() says nothing unless the caller configures logging.
 logger = logging.getLogger("bnopt")
@@ -355,7 +354,7 @@ def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> No
     activations = (resolved["probes"] or {}).get("activations")
     if activations:
         path = run.path / ActivationProbe.FILE
-        expected = len(range(0, step, activations["every"])) * len(set(activations["layers"]))  # a layer each
+        expected = ActivationProbe.histograms_before(activations, step)
         try:
             kept = int((histogram_steps(path) < step).sum())
         except Exception as err:

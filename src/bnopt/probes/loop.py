@@ -138,6 +138,12 @@ class ActivationProbe(Probe):
     def restore(self, run_dir, step):
         self.recorder.load(run_dir / self.FILE, before_step=step)
 
+    @staticmethod
+    def histograms_before(settings: dict, step: int) -> int:
+        """How many histograms a run with these settings (``probes.activations``) recorded before ``step``:
+        one per layer at each step the probe is due."""
+        return len(range(0, step, settings["every"])) * len(set(settings["layers"]))
+
     def close(self):
         self.recorder.remove()
 
