@@ -132,13 +132,13 @@ def ics_suffix_floor(model, loss_fn, batch, layers):
     (computed beforehand, not timed), which costs the same."""
     inputs, targets = batch
     blocks = list(model.blocks)
-    with observation(model), torch.no_grad():
+    with observation(model, batch), torch.no_grad():
         prefix_outputs = [inputs]
         for block in blocks[:-1]:
             prefix_outputs.append(block(prefix_outputs[-1]))
 
     def suffixes():
-        with observation(model):
+        with observation(model, batch):
             for i in range(1, len(blocks)):
                 out = prefix_outputs[i]
                 for block in blocks[i:]:

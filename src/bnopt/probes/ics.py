@@ -79,6 +79,11 @@ def ics_gradients(
 ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """``{i: (G, G')}`` for each layer in ``which``: the gradients behind :func:`measure_ics` (same
     arguments, same guarantees), one tensor per parameter of the layer."""
+    grouped = not isinstance(layers, (torch.Tensor, nn.Module))
+    layers = list(layers) if grouped else []
+    if not grouped or any(isinstance(layer, (torch.Tensor, nn.Module)) for layer in layers):
+        raise TypeError("`layers` is a list of lists of parameters, one list per layer (e.g. "
+                        "[list(block.parameters()) for block in blocks]), not parameters or modules")
     layers = [list(layer) for layer in layers]
     if not layers:
         raise ValueError("`layers` is empty: give the model's parameters grouped by layer, in forward order")
@@ -101,7 +106,7 @@ def ics_gradients(
         raise ValueError(f"layers {foreign} (0-based) hold parameters that are not the model's "
                          "(from a copy of it, or another model?)")
     params = [p for layer in layers for p in layer]
-    stepped = set(optimizer_parameters(optimizer))
+    stepped = dict.fromkeys(optimizer_parameters(optimizer))  # a set in the optimiser's order
     if not any(p in stepped for p in params):
         raise ValueError("the optimiser holds none of the parameters in `layers` (is it another model's, or "
                          "a copy's?): no layer would move, and every layer would show no shift")
@@ -118,9 +123,15 @@ def ics_gradients(
         raise ValueError(f"{type(optimizer).__name__}.step() needs a closure: it evaluates the loss itself, "
                          "several times per step, so there is no single update from the current gradient for "
                          "ICS (Definition 2.1) to take; use an optimiser that steps from .grad alone")
-    with observation(model, rng_state) as obs:
-        grads = current_gradient(model, loss_fn, batch, obs, params, use_grad_fields)
-        updated = simulate_optimizer_step(optimizer, params, grads)
+    # The model's other parameters that the optimiser steps take part in the simulated step with their
+    # gradients, as in the real one: a step that couples parameters (clipping by the global norm) moves the
+    # listed ones by what the others' gradients say. They are not moved themselves.
+    listed = set(params)
+    unlisted = [p for p in stepped if p not in listed and p in own and p.requires_grad]
+    with observation(model, batch, rng_state) as obs:
+        grads = current_gradient(model, loss_fn, batch, obs, params + unlisted, use_grad_fields)
+        updated = simulate_optimizer_step(optimizer, params + unlisted, grads)
+        grads = grads[:len(params)]
         by_param = dict(zip(params, zeros_where_missing(grads, params)))
         stages = _stages(model)
         starts = _layer_starts(stages, layers) if stages is not None else None

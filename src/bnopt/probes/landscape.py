@@ -11,10 +11,15 @@ is faster depends on the model and device (measured by ``scripts/benchmark.py``,
 on a CPU with two threads the batched form pays for the deep linear network, is about even for the MLP
 (either way round between torch versions) and loses for VGG; on one thread, as the recipes' jobs run, it
 loses for all three. On a GPU (an H200) it pays for the MLP and the DLN and loses for VGG. So
-``batched="auto"`` picks it for conv-free models on CUDA, and on CPU with more than one thread, unless
-the model draws from torch's global generator (dropout): under ``vmap`` those draws can differ from a
-plain pass's (attention's dropout does), so such a model takes the loop, and ``batched=True`` is refused
-for it. The two agree to float rounding, not bit for bit.
+``batched="auto"`` picks it for the repo's own conv-free chains (:class:`~bnopt.models.ChainModel`) on
+CUDA, and on CPU with more than one thread; any other model takes the loop, which is exact for any model.
+``vmap`` sees the parameters only inside the model's forward (``functional_call``), so a ``loss_fn`` that
+reads them (a weight penalty), hooks on parameters, or weights reached outside the module tree (a Python
+list) would give other numbers, and ``torch.func`` cannot run every model (an ``autograd.Function``
+without ``setup_context``, control flow on values). ``batched=True`` is the caller's word that the model
+is fit for it; a model it cannot be (one that draws from torch's global generator, whose draws under
+``vmap`` can differ from a plain pass's; a module registered under two names, which ``functional_call``
+left broken; hooks on parameters) is refused. The two agree to float rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from bnopt.models import ChainModel
 from bnopt.probes.observation import (
     RandomState, current_gradient, dense, free_state, loss_at, observation, parameters_at, per_tensor_norms,
     zeros_where_missing,
@@ -67,17 +73,17 @@ def probe_landscape(
                              "in model.parameters() order")
         # In the parameters' dtype: a direction built with numpy comes as float64.
         direction = [d.detach().to(dtype=p.dtype, device=p.device) for d, p in zip(direction, params)]
-    with observation(model, rng_state) as obs:
+    with observation(model, batch, rng_state) as obs:
         # Dense: the step sizes' gradients are compared with it (and a sparse optimiser is not stepped here).
         g = [dense(t) for t in zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params,
                                                                     use_grad_fields), params)]
         draws = obs.drawn_since_start()
         if batched == "auto":
-            batched = vmap_pays(model) and not draws
-        elif batched and draws:
-            raise ValueError("batched=True, but the model draws from torch's global generator (dropout), and "
-                             "under vmap its draws can differ from those behind the gradient (attention's dropout "
-                             "does): use batched=False, or 'auto'")
+            batched = vmap_pays(model) and _unbatchable(model, params, draws) is None
+        elif batched:
+            reason = _unbatchable(model, params, draws)
+            if reason:
+                raise ValueError(f"batched=True, but {reason}: use batched=False, or 'auto'")
         d = g if direction is None else direction
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
@@ -86,6 +92,21 @@ def probe_landscape(
     grad_norm, d_norm = norms[0], norms[-1]
     beta = _effective_beta(grad_diff, etas, d_norm)
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": grad_norm}
+
+
+def _unbatchable(model: nn.Module, params: list[nn.Parameter], draws: bool) -> str | None:
+    """Why vmap would measure ``model`` wrongly, or break it; None if nothing seen says so."""
+    if draws:
+        return ("the model draws from torch's global generator (dropout), and under vmap its draws can differ "
+                "from those behind the gradient (attention's dropout does)")
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module._parameters and names.setdefault(id(module), name) != name:
+            return (f"one module is registered under two names ({names[id(module)] or 'the model itself'} and "
+                    f"{name}), whose parameters vmap's functional_call cannot move (it left the model broken)")
+    if any(p._backward_hooks for p in params):
+        return "a parameter has a hook (Tensor.register_hook), which vmap's passes do not run"
+    return None
 
 
 def _effective_beta(grad_diff: list[float], etas: list[float], d_norm: float) -> float:
@@ -106,13 +127,16 @@ def _combined_norms(rows: torch.Tensor) -> list[float]:
 
 
 def vmap_pays(model: nn.Module) -> bool:
-    """The measured rule (``scripts/benchmark.py``): batch the evaluations of networks without convolutions
-    where that was faster, unless a module keeps tensors a pass may change (:func:`free_state`: a spectral
-    norm's power iteration, an embedding's ``max_norm``): ``vmap`` may fail on such writes, and the loop
-    puts them back between passes; nor where gradients come back sparse (an embedding with
-    ``sparse=True``), which ``vmap`` cannot batch. (Noisy layers batch: their draws come from their own
+    """The measured rule (``scripts/benchmark.py``): batch the evaluations of the repo's own chains (a
+    :class:`~bnopt.models.ChainModel` that keeps its forward: what was measured, and whose parameters vmap
+    sees whole) without convolutions where that was faster, unless a module keeps tensors a pass may change
+    (:func:`free_state`: a spectral norm's power iteration, an embedding's ``max_norm``): ``vmap`` may
+    fail on such writes, and the loop puts them back between passes; nor where gradients come back sparse
+    (an embedding with ``sparse=True``), which ``vmap`` cannot batch. (Noisy layers batch: their draws come from their own
     generator, the same at every eta. Whether the model draws from the global one,
     :func:`probe_landscape` sees from its passes.)"""
+    if not (isinstance(model, ChainModel) and type(model).forward is ChainModel.forward):
+        return False
     devices = {p.device.type for p in model.parameters()}
     return (batching_pays_on(devices, torch.get_num_threads())
             and not any(isinstance(m, nn.Conv2d) or free_state(m) or vars(m).get("sparse") is True
@@ -151,15 +175,19 @@ def _evaluate_batched(model, loss_fn, batch, obs, named, g, d, etas):
     """As :func:`_evaluate_loop`, the E evaluations batched by ``vmap``."""
     inputs, targets = batch
     names = [name for name, _ in named]
-    eta = torch.tensor(etas, dtype=d[0].dtype, device=d[0].device)
-    stacked = {name: p.detach()[None] - eta.view(-1, *([1] * p.dim())) * dp[None]
+    eta = torch.tensor(etas, dtype=torch.float64)  # each parameter moves by the step sizes in its own dtype
+    stacked = {name: p.detach()[None] - eta.to(p).view(-1, *([1] * p.dim())) * dp[None]
                for (name, p), dp in zip(named, d)}
 
     def loss_of(params: dict) -> torch.Tensor:
         return loss_fn(torch.func.functional_call(model, params, (inputs,), strict=False), targets)
 
     obs.replay()
-    grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of), randomness="same")(stacked)
+    try:
+        grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of), randomness="same")(stacked)
+    except RuntimeError as err:  # torch.func's own words name the op, not the way out
+        raise RuntimeError(f"batched=True: torch.func.vmap cannot run this model ({err}); "
+                           "batched=False runs any model") from err
     diff_norms = torch.stack([(grads[name] - gp).reshape(len(etas), -1).norm(dim=1) for name, gp in zip(names, g)],
                              dim=1)
     return [float(v) for v in losses], diff_norms

@@ -6,7 +6,7 @@ every module's mode and flags, the global flags, every buffer, and the global ra
 the model's CUDA device). Inside, :meth:`Observation.replay` rewinds the random state and any buffer (or
 renormalised embedding weight) a pass may change before each forward pass, so that every pass of one
 measurement sees the same random draws (dropout masks, or anything else drawn from torch's global
-generator) and the same module state (a spectral norm's power-iteration vectors, say).
+generator), the same module state (a spectral norm's power-iteration vectors, say) and the same inputs.
 
 The parameters' tensors are never written by the measurements; the ICS probe's simulated optimiser step
 points the parameters at copies and sets ``.grad``, and puts both back itself, with the parameters' version
@@ -48,6 +48,27 @@ class FreeState:
                 t.copy_(saved)
 
 
+class KeptInputs:
+    """The batch's inputs as the measurement found them. A model that writes into its input in place
+    (dropout with ``inplace=True`` as its first module) would give each pass another input and hand the
+    caller back another batch; the inputs are put back before each pass and on exit. Watched through their
+    version counter (in-place ops bump it; NaN inputs compare unequal to themselves), copied once."""
+
+    def __init__(self, inputs):
+        self._inputs = inputs if torch.is_tensor(inputs) else None
+        if self._inputs is not None:
+            self._version, self._saved = inputs._version, inputs.detach().clone()
+
+    def changed(self) -> bool:
+        return self._inputs is not None and self._inputs._version != self._version
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.changed():
+            self._inputs.copy_(self._saved)
+            self._version = self._inputs._version
+
+
 def has_switch(module: nn.Module) -> bool:
     """Whether ``module`` has the ``track_running_stats`` switch (BN, Lp), which, once off, leaves its
     buffers alone. Instance norm has the attribute but not the switch: it hands its running statistics to
@@ -83,9 +104,9 @@ def _position(devices: list[int]) -> RandomState:
 
 
 class Observation:
-    def __init__(self, devices: list[int], free: FreeState, start: RandomState | None):
+    def __init__(self, devices: list[int], free: FreeState, inputs: KeptInputs, start: RandomState | None):
         self._devices = devices
-        self._free = free
+        self._free, self._inputs = free, inputs
         self._start = self.position() if start is None else start
         if len(self._start[1]) != len(devices):
             raise ValueError(f"rng_state holds the random state of {len(self._start[1])} CUDA devices, the "
@@ -103,9 +124,10 @@ class Observation:
             torch.cuda.set_rng_state(state, device)
 
     def replay(self) -> None:
-        """Rewind the global random state and the free state to where the measurement started."""
+        """Rewind the global random state, the free state and the inputs to where the measurement started."""
         self.rewind(self._start)
         self._free.restore()
+        self._inputs.restore()
 
     def drawn_since_start(self) -> bool:
         """Whether the global generator has moved from where every pass starts. Asked after the pass behind the
@@ -115,8 +137,8 @@ class Observation:
         return not torch.equal(cpu, start_cpu) or any(not torch.equal(a, b) for a, b in zip(cuda, start_cuda))
 
     def free_state_changed(self) -> bool:
-        """Whether a pass since the last :meth:`replay` changed a tensor of :class:`FreeState`."""
-        return self._free.changed()
+        """Whether a pass since the last :meth:`replay` changed a tensor of :class:`FreeState`, or the inputs."""
+        return self._free.changed() or self._inputs.changed()
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -126,8 +148,13 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def observation(model: nn.Module, rng_state: RandomState | None = None) -> Iterator[Observation]:
-    """The measuring state for the block; every pass replays from ``rng_state`` (default: the state now)."""
+def observation(model: nn.Module, batch, rng_state: RandomState | None = None) -> Iterator[Observation]:
+    """The measuring state for the block, on ``batch``; every pass replays from ``rng_state`` (default: the
+    state now)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise ValueError(f"batch must be a pair (inputs, targets), which the probes pass on as "
+                         f"loss_fn(model(inputs), targets); got a {type(batch).__name__}"
+                         + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
     if torch.is_inference_mode_enabled():
         # enable_grad cannot lift inference mode, and autograd's own error ("element 0 of tensors does not
         # require grad") would not say why.
@@ -140,7 +167,7 @@ def observation(model: nn.Module, rng_state: RandomState | None = None) -> Itera
     # Modules with the switch (BN, Lp) leave their buffers alone once it is off; any other module's
     # buffers are saved and put back, whatever it does with them (and so is what an embedding renormalises).
     tracking = {m: m.track_running_stats for m in modules if has_switch(m)}
-    free = FreeState(modules)
+    free, inputs = FreeState(modules), KeptInputs(batch[0])
     devices = _cuda_devices(model)
     cudnn = torch.backends.cudnn
     with torch.random.fork_rng(devices=devices), float32_settings_restored():
@@ -156,13 +183,14 @@ def observation(model: nn.Module, rng_state: RandomState | None = None) -> Itera
             for m in tracking:
                 m.track_running_stats = False
             with torch.enable_grad():
-                yield Observation(devices, free, rng_state)
+                yield Observation(devices, free, inputs, rng_state)
         finally:
             for m in in_eval:
                 m.training = False
             for m, flag in tracking.items():
                 m.track_running_stats = flag
             free.restore()
+            inputs.restore()
 
 
 @contextlib.contextmanager
