@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from bnopt.cli import main
+from bnopt.cli import main, sweep_stopped_by_ctrl_c
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -12,4 +12,8 @@ def entry(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    entry()
+    try:
+        entry()
+    except KeyboardInterrupt:
+        sweep_stopped_by_ctrl_c()  # a sweep's last words, and status 130
+        raise

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnopt.cli import SLURM_LAUNCHER, sweep_stopped_by_ctrl_c
 from bnopt.config import ConfigError, check_against_run, check_config
+from bnopt.hydra_callbacks import SweepIndex
 from bnopt.synthetic import write_mnist
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
 from test_sweeps import read_index
@@ -98,6 +100,8 @@ from test_sweeps import read_index
     (["optim.schedule=linear"], "optim.schedule"),
     (["optim.schedule=multistep", "optim.milestones=[]"], "optim.milestones"),
     (["optim.schedule=multistep", "optim.milestones=[100]", "optim.gamma=0"], "optim.gamma"),
+    (["optim.milestones=[100]"], "optim.milestones"),
+    (["optim.schedule=cosine", "optim.milestones=[100]"], "optim.milestones"),
     (["train.eval_every=0"], "train.eval_every"),
     (["train.checkpoint_every=0"], "train.checkpoint_every"),
     (["train.eval_batch_size=0"], "train.eval_batch_size"),
@@ -314,6 +318,41 @@ def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "1").exists()
     assert [(r["job"], r["status"]) for r in read_index(tmp_path)] == [("0", "interrupted")]
+
+
+def test_a_ctrl_c_stops_a_parallel_sweep_with_its_index_written(tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: the joblib pool's jobs stop with a checkpoint, and
+    Hydra's process, waiting on them, ended in a traceback of KeyboardInterrupt, without the index or a word
+    on how to continue."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=1000000", "seed=0,1,2",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as a terminal's foreground command has it (a shell's background job ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for_step(tmp_path / "0", 50, process)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"the sweep stopped (Ctrl-C); to continue it, run the same command with hydra.sweep.dir={tmp_path}" \
+        in stderr
+    assert not (tmp_path / "2").exists()  # the third job waited for a free worker
+    assert {r["job"] for r in read_index(tmp_path)} <= {"0", "1"} and read_index(tmp_path)[0]["job"] == "0"
+
+
+def test_ctrl_c_outside_a_sweep_is_left_to_python_and_a_slurm_sweep_s_jobs_go_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(SweepIndex, "launched", None)
+    sweep_stopped_by_ctrl_c()  # returns: train.py re-raises the KeyboardInterrupt
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text(json.dumps({"status": "running", "steps": 0}))
+    monkeypatch.setattr(SweepIndex, "launched", (tmp_path, SLURM_LAUNCHER))
+    with pytest.raises(SystemExit) as stop:
+        sweep_stopped_by_ctrl_c()
+    assert stop.value.code == 130
+    assert "its jobs submitted to SLURM go on (squeue and scancel" in capsys.readouterr().err
+    assert [r["status"] for r in read_index(tmp_path)] == ["running"]
 
 
 def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uninterrupted):

@@ -5,7 +5,7 @@ directory, a run that another process is training) print one line and exit with 
 sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
 refused because its directory holds another run (another config, or a trainer at work) leaves that run's
 summary as it is. A signal that stops a job of a sweep run job by job (Hydra's default launcher) stops the
-sweep too, with exit status 130.
+sweep too, with exit status 130, as does a Ctrl-C that reaches the process of a sweep of any launcher.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from omegaconf import DictConfig
 
 from bnopt.config import ConfigError
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
+from bnopt.hydra_callbacks import SweepIndex
 from bnopt.rundir import FINISHED, OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import announce_index, gpu_slot, job_threads, limit_threads
 from bnopt.train import AnotherConfigError, ResumeError, train
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
                RunBusyError)
 log = logging.getLogger("bnopt")
@@ -94,6 +96,28 @@ def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:
     print(f"{run_dir}: interrupted, so the sweep stops here; to continue it, run the same command with "
           f"hydra.sweep.dir={sweep_dir}", file=sys.stderr)
     announce_index(sweep_dir)
+    sys.exit(130)
+
+
+def sweep_stopped_by_ctrl_c() -> None:
+    """A Ctrl-C reached Hydra's own process during a sweep (in a terminal it reaches the jobs of this machine
+    too): while its launcher waited on the jobs, or while a job run job by job loaded its data. Instead of
+    Python's traceback, the command says how to continue, writes the index and exits with status 130. Jobs on
+    this machine stop at their next step with a checkpoint, unless a joblib pool kills them first: they then
+    continue from their last checkpoint, their summaries saying ``running`` until then. Jobs submitted to
+    SLURM are not cancelled (submitit leaves them). Returns when this process launched no sweep: a single
+    run's second Ctrl-C keeps its traceback."""
+    if SweepIndex.launched is None:
+        return
+    sweep_dir, launcher = SweepIndex.launched
+    if launcher == SLURM_LAUNCHER:
+        print(f"stopped waiting for the sweep in {sweep_dir}: its jobs submitted to SLURM go on (squeue and scancel "
+              f"list and cancel them); python scripts/sweep_index.py {sweep_dir} lists them again", file=sys.stderr)
+    else:
+        print(f"the sweep stopped (Ctrl-C); to continue it, run the same command with hydra.sweep.dir={sweep_dir}",
+              file=sys.stderr)
+    if sweep_dir.is_dir():
+        announce_index(sweep_dir)
     sys.exit(130)
 
 

@@ -188,6 +188,9 @@ def check_config(cfg: DictConfig) -> None:
     if schedule == "multistep":
         require(cfg, "optim.milestones", list_of(positive_int), "a non-empty list of positive steps")
         require(cfg, "optim.gamma", positive_number, "a positive factor")
+    elif _get(cfg, "optim.milestones"):  # a forgotten optim.schedule=multistep would train at a constant lr
+        raise ConfigError("optim.milestones", _get(cfg, "optim.milestones"),
+                          f"empty with optim.schedule={schedule}: milestones take effect with optim.schedule=multistep")
 
     require(cfg, "train.steps", non_negative_int, "a non-negative integer number of steps")
     require(cfg, "train.batch_size", positive_int, "a positive integer")

@@ -2,8 +2,9 @@
 
 ``OutputDirCheck``: Hydra creates a run's output directory before the task starts, so a directory that
 cannot be written would end in Hydra's traceback; this checks it first and answers in one line.
-``SweepIndex``: when a sweep ends, ``index.csv`` in its directory lists every job with its status and final
-metrics (``python scripts/sweep_index.py <dir>`` rebuilds it any time, e.g. after a sweep was killed).
+``SweepIndex``: when a sweep ends, or a Ctrl-C stops it, ``index.csv`` in its directory lists every job with its
+status and final metrics (``python scripts/sweep_index.py <dir>`` rebuilds it any time, e.g. after a sweep was
+killed).
 ``UnfinishedJobs``: lists the jobs that end without their run finished in their directory; the figure
 recipes add it on their command line and stop before drawing when it listed any.
 """
@@ -41,6 +42,13 @@ class OutputDirCheck(Callback):
 
 
 class SweepIndex(Callback):
+    # The sweep that this process launched, and its launcher: where a Ctrl-C that stops Hydra's own process
+    # (cli.sweep_stopped_by_ctrl_c) writes the index. A class attribute: Hydra builds the callback itself.
+    launched: tuple[Path, str] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        SweepIndex.launched = (Path(config.hydra.sweep.dir), config.hydra.launcher._target_)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
