@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from bnopt.cli import SLURM_LAUNCHER, sweep_stopped_by_ctrl_c
 from bnopt.config import ConfigError, check_against_run, check_config
@@ -353,6 +354,8 @@ def test_ctrl_c_outside_a_sweep_is_left_to_python_and_a_slurm_sweep_s_jobs_go_on
     assert stop.value.code == 130
     assert "its jobs submitted to SLURM go on (squeue and scancel" in capsys.readouterr().err
     assert [r["status"] for r in read_index(tmp_path)] == ["running"]
+    SweepIndex().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "ended")}}}))
+    assert SweepIndex.launched is None  # a Ctrl-C after the sweep ended is no longer the sweep's
 
 
 def test_a_finished_run_is_not_rerun_and_another_config_is_refused(tmp_path, uninterrupted):

@@ -183,6 +183,9 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
         measure_ics(model, sum_squares, batch, optimizer, [[model.W1], *copy_of_model.layers()[1:]])
     with pytest.raises(ValueError, match="the optimiser holds none of the parameters"):
         measure_ics(model, sum_squares, batch, torch.optim.SGD(copy_of_model.parameters(), lr=0.05), model.layers())
+    grouped = measure_ics(model, sum_squares, batch, optimizer, model.layers())
+    assert measure_ics(model, sum_squares, batch, optimizer, [nn.ParameterList(layer) for layer in model.layers()]) \
+        == grouped  # a ParameterList is a group
     for flat in (list(model.parameters()), [model.W1, model.W2], [nn.Linear(2, 2)]):  # not grouped by layer
         with pytest.raises(TypeError, match="a list of lists of parameters, one list per layer"):
             measure_ics(model, sum_squares, batch, optimizer, flat)
@@ -208,20 +211,30 @@ class GlobalNormClippedSGD(torch.optim.Optimizer):
                     p.sub_(group["lr"] * min(1.0, group["max_norm"] / total) * p.grad)
 
 
+@pytest.mark.parametrize("chain", [True, False])
 @pytest.mark.parametrize("use_grad_fields", [False, True])
-def test_parameters_left_out_of_layers_take_part_in_the_simulated_step(use_grad_fields):
-    """The head is not measured, but its gradient counts in the optimiser's global norm: the simulated step
-    hid it (.grad None), so W(t+1) of the measured layers was not the real step's (l2 0.0068 against 0.0045)."""
+def test_parameters_left_out_of_layers_take_part_in_the_simulated_step_and_stay_where_they_are(use_grad_fields,
+                                                                                                chain):
+    """A middle layer and the head are not measured, but their gradients count in the optimiser's global
+    norm: the simulated step hid them (.grad None), so W(t+1) of the measured layers was not the real
+    step's (l2 0.0068 against 0.0045). They stay at W(t) for G', the middle one too, which lies in the
+    shared prefix (a first version of the fix moved it there). Through the shared prefix and the general
+    path."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    sequential = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                               nn.Linear(6, 3)).double()
+    model = sequential if chain else nn.ModuleDict({"net": sequential})
+    if not chain:
+        model.forward = sequential.forward
     batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,)))
-    optimizer = GlobalNormClippedSGD(model.parameters(), lr=1.0, max_norm=0.1)
-    layers_of = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
+    optimizer = GlobalNormClippedSGD(sequential.parameters(), lr=1.0, max_norm=0.1)
+    layers_of = lambda m: [list(m[0].parameters()), list(m[4].parameters())]  # noqa: E731
     if use_grad_fields:
         nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-    (g, g_shifted), = brute_force_ics(model, nn.functional.cross_entropy, batch, optimizer, layers_of=layers_of)[1:]
+    (g, g_shifted), = brute_force_ics(sequential, nn.functional.cross_entropy, batch, optimizer,
+                                      layers_of=layers_of)[1:]
     expected = torch.cat([(a - b).reshape(-1) for a, b in zip(g, g_shifted)]).norm().item()
-    measured = measure_ics(model, nn.functional.cross_entropy, batch, optimizer, layers_of(model),
+    measured = measure_ics(model, nn.functional.cross_entropy, batch, optimizer, layers_of(sequential),
                            use_grad_fields=use_grad_fields)
     assert measured[1]["l2"] == pytest.approx(expected, rel=1e-12) and expected > 1e-3
 

@@ -724,8 +724,8 @@ def test_batched_is_refused_where_vmap_would_break_the_model_or_miss_a_hook_and_
         assert probe_landscape(model, loss, data, [0.1, 0.2]) == probe_landscape(model, loss, data, [0.1, 0.2],
                                                                                   batched=False)
         assert all(p is q for p, q in zip(model.parameters(), weights))
-    with pytest.raises(RuntimeError, match="batched=True: torch.func.vmap cannot run this model .*batched=False "
-                                           "runs any model"):
+    with pytest.raises(RuntimeError, match=r"the batched landscape evaluation \(torch.func.vmap\) failed on this "
+                                           "model .*batched=False runs any model"):
         probe_landscape(nn.Sequential(nn.Linear(5, 6), Clamp(), nn.Linear(6, 3)), F.cross_entropy,
                         (torch.randn(8, 5), y), [0.1], batched=True)
 
@@ -773,6 +773,21 @@ def test_a_model_writing_into_its_input_sees_the_same_input_in_every_pass(chain)
     land = probe_landscape(model, F.cross_entropy, (x, y), [0.1, 0.1, 0.1], batched=False)
     assert land["loss"][0] == land["loss"][1] == land["loss"][2]
     assert torch.equal(x, batch_before)
+
+
+def test_inputs_made_under_inference_mode_are_measured():
+    """They have no version counter to watch (reading it raised), and cannot be written in place anyway."""
+    model, loss_fn, batch = penalised_mlp()
+    with torch.inference_mode():
+        frozen_inputs = batch[0] + 0
+    shifted = nn.Sequential(Shift(), model)  # the first op does not save its input for backward
+    assert probe_landscape(shifted, loss_fn, (frozen_inputs, batch[1]), [0.1]) == \
+        probe_landscape(shifted, loss_fn, (batch[0], batch[1]), [0.1])
+
+
+class Shift(nn.Module):
+    def forward(self, x):
+        return x + 1
 
 
 @pytest.mark.parametrize("batched", [True, False])

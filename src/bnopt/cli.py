@@ -5,7 +5,8 @@ directory, a run that another process is training) print one line and exit with 
 sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
 refused because its directory holds another run (another config, or a trainer at work) leaves that run's
 summary as it is. A signal that stops a job of a sweep run job by job (Hydra's default launcher) stops the
-sweep too, with exit status 130, as does a Ctrl-C that reaches the process of a sweep of any launcher.
+sweep too, with exit status 130, as does a Ctrl-C that reaches the process of a sweep of any launcher
+(for SLURM it stops the waiting: the submitted jobs go on).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class SweepIndex(Callback):
         SweepIndex.launched = (Path(config.hydra.sweep.dir), config.hydra.launcher._target_)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        SweepIndex.launched = None
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
             announce_index(sweep_dir)

@@ -79,9 +79,11 @@ def ics_gradients(
 ) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """``{i: (G, G')}`` for each layer in ``which``: the gradients behind :func:`measure_ics` (same
     arguments, same guarantees), one tensor per parameter of the layer."""
-    grouped = not isinstance(layers, (torch.Tensor, nn.Module))
+    def not_a_group(x) -> bool:  # a ParameterList is a group; a parameter or another module is not
+        return isinstance(x, torch.Tensor) or (isinstance(x, nn.Module) and not isinstance(x, nn.ParameterList))
+    grouped = not not_a_group(layers)
     layers = list(layers) if grouped else []
-    if not grouped or any(isinstance(layer, (torch.Tensor, nn.Module)) for layer in layers):
+    if not grouped or any(not_a_group(layer) for layer in layers):
         raise TypeError("`layers` is a list of lists of parameters, one list per layer (e.g. "
                         "[list(block.parameters()) for block in blocks]), not parameters or modules")
     layers = [list(layer) for layer in layers]
@@ -125,12 +127,13 @@ def ics_gradients(
                          "ICS (Definition 2.1) to take; use an optimiser that steps from .grad alone")
     # The model's other parameters that the optimiser steps take part in the simulated step with their
     # gradients, as in the real one: a step that couples parameters (clipping by the global norm) moves the
-    # listed ones by what the others' gradients say. They are not moved themselves.
+    # listed ones by what the others' gradients say. Their own W(t+1) is dropped: they stay at W(t).
     listed = set(params)
     unlisted = [p for p in stepped if p not in listed and p in own and p.requires_grad]
-    with observation(model, batch, rng_state) as obs:
+    with observation(model, batch, rng_state=rng_state) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params + unlisted, use_grad_fields)
         updated = simulate_optimizer_step(optimizer, params + unlisted, grads)
+        updated = {p: updated[p] for p in params}
         grads = grads[:len(params)]
         by_param = dict(zip(params, zeros_where_missing(grads, params)))
         stages = _stages(model)

@@ -12,7 +12,8 @@ on a CPU with two threads the batched form pays for the deep linear network, is 
 (either way round between torch versions) and loses for VGG; on one thread, as the recipes' jobs run, it
 loses for all three. On a GPU (an H200) it pays for the MLP and the DLN and loses for VGG. So
 ``batched="auto"`` picks it for the repo's own conv-free chains (:class:`~bnopt.models.ChainModel`) on
-CUDA, and on CPU with more than one thread; any other model takes the loop, which is exact for any model.
+CUDA, and on CPU with more than one thread, taking ``loss_fn`` to read the parameters only through the
+model's output (as the repo's losses do); any other model takes the loop, which is exact for any model.
 ``vmap`` sees the parameters only inside the model's forward (``functional_call``), so a ``loss_fn`` that
 reads them (a weight penalty), hooks on parameters, or weights reached outside the module tree (a Python
 list) would give other numbers, and ``torch.func`` cannot run every model (an ``autograd.Function``
@@ -73,7 +74,7 @@ def probe_landscape(
                              "in model.parameters() order")
         # In the parameters' dtype: a direction built with numpy comes as float64.
         direction = [d.detach().to(dtype=p.dtype, device=p.device) for d, p in zip(direction, params)]
-    with observation(model, batch, rng_state) as obs:
+    with observation(model, batch, rng_state=rng_state) as obs:
         # Dense: the step sizes' gradients are compared with it (and a sparse optimiser is not stepped here).
         g = [dense(t) for t in zeros_where_missing(current_gradient(model, loss_fn, batch, obs, params,
                                                                     use_grad_fields), params)]
@@ -175,8 +176,11 @@ def _evaluate_batched(model, loss_fn, batch, obs, named, g, d, etas):
     """As :func:`_evaluate_loop`, the E evaluations batched by ``vmap``."""
     inputs, targets = batch
     names = [name for name, _ in named]
-    eta = torch.tensor(etas, dtype=torch.float64)  # each parameter moves by the step sizes in its own dtype
-    stacked = {name: p.detach()[None] - eta.to(p).view(-1, *([1] * p.dim())) * dp[None]
+    # Each parameter moves by the step sizes in its own dtype (rounded from Python's floats), made once per
+    # dtype and device, on the device: a copy per parameter from the host would wait for the GPU each time.
+    eta = {(dtype, device): torch.tensor(etas, dtype=dtype, device=device)
+           for dtype, device in {(p.dtype, p.device) for _, p in named}}
+    stacked = {name: p.detach()[None] - eta[p.dtype, p.device].view(-1, *([1] * p.dim())) * dp[None]
                for (name, p), dp in zip(named, d)}
 
     def loss_of(params: dict) -> torch.Tensor:
@@ -185,8 +189,10 @@ def _evaluate_batched(model, loss_fn, batch, obs, named, g, d, etas):
     obs.replay()
     try:
         grads, losses = torch.func.vmap(torch.func.grad_and_value(loss_of), randomness="same")(stacked)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError as err:  # torch.func's own words name the op, not the way out
-        raise RuntimeError(f"batched=True: torch.func.vmap cannot run this model ({err}); "
+        raise RuntimeError(f"the batched landscape evaluation (torch.func.vmap) failed on this model ({err}); "
                            "batched=False runs any model") from err
     diff_norms = torch.stack([(grads[name] - gp).reshape(len(etas), -1).norm(dim=1) for name, gp in zip(names, g)],
                              dim=1)

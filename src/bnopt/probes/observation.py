@@ -52,10 +52,11 @@ class KeptInputs:
     """The batch's inputs as the measurement found them. A model that writes into its input in place
     (dropout with ``inplace=True`` as its first module) would give each pass another input and hand the
     caller back another batch; the inputs are put back before each pass and on exit. Watched through their
-    version counter (in-place ops bump it; NaN inputs compare unequal to themselves), copied once."""
+    version counter (in-place ops bump it; NaN inputs compare unequal to themselves), copied once. Inference
+    tensors have no version counter, and cannot be written outside inference mode anyway: left alone."""
 
     def __init__(self, inputs):
-        self._inputs = inputs if torch.is_tensor(inputs) else None
+        self._inputs = inputs if torch.is_tensor(inputs) and not inputs.is_inference() else None
         if self._inputs is not None:
             self._version, self._saved = inputs._version, inputs.detach().clone()
 
@@ -148,7 +149,7 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 
 @contextlib.contextmanager
-def observation(model: nn.Module, batch, rng_state: RandomState | None = None) -> Iterator[Observation]:
+def observation(model: nn.Module, batch, *, rng_state: RandomState | None = None) -> Iterator[Observation]:
     """The measuring state for the block, on ``batch``; every pass replays from ``rng_state`` (default: the
     state now)."""
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
