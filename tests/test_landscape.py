@@ -712,12 +712,15 @@ def test_batched_is_refused_where_vmap_would_break_the_model_or_miss_a_hook_and_
     chain.blocks[2] = chain.blocks[1]  # the same block at two depths
     hooked, loss_fn, batch = penalised_mlp()
     hooked[0].weight.register_hook(lambda grad: grad.clamp(-0.05, 0.05))
+    hooked_chain, chain_loss, hooked_chain_batch = small_problem("mlp", "batchnorm")
+    next(hooked_chain.parameters()).register_hook(lambda grad: grad.clamp(-0.05, 0.05))
     dln_loss = lambda out, targets: 0.5 * (out - targets).pow(2).sum()  # noqa: E731
     x = torch.randn(8, 5, dtype=torch.float64)
     y = torch.randint(0, 3, (8,))
     for model, loss, data, why in ((twice, F.cross_entropy, (x, y), "registered under two names \\(2 and 4\\)"),
                                    (chain, dln_loss, chain_batch, "registered under two names"),
-                                   (hooked, loss_fn, batch, "a parameter has a hook")):
+                                   (hooked, loss_fn, batch, "a parameter has a hook"),
+                                   (hooked_chain, chain_loss, hooked_chain_batch, "a parameter has a hook")):
         weights = list(model.parameters())
         with pytest.raises(ValueError, match=f"batched=True, but .*{why}"):
             probe_landscape(model, loss, data, [0.1, 0.2], batched=True)
