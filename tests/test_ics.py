@@ -223,9 +223,7 @@ def test_parameters_left_out_of_layers_take_part_in_the_simulated_step_and_stay_
     torch.manual_seed(0)
     sequential = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
                                nn.Linear(6, 3)).double()
-    model = sequential if chain else nn.ModuleDict({"net": sequential})
-    if not chain:
-        model.forward = sequential.forward
+    model = sequential if chain else HiddenChain(sequential)
     batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,)))
     optimizer = GlobalNormClippedSGD(sequential.parameters(), lr=1.0, max_norm=0.1)
     layers_of = lambda m: [list(m[0].parameters()), list(m[4].parameters())]  # noqa: E731
@@ -287,9 +285,9 @@ def test_cosines_of_parallel_gradients_stay_within_minus_one_and_one():
 
 
 class HiddenChain(nn.Module):
-    """Hides a ChainModel's structure, so that measure_ics takes its general path."""
+    """Hides a chain's structure (a ChainModel's, a Sequential's), so that measure_ics takes its general path."""
 
-    def __init__(self, inner: ChainModel):
+    def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
 

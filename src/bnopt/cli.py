@@ -94,10 +94,7 @@ def stop_sweep(sweep_dir: Path, run_dir: Path) -> NoReturn:
     here (the callback that writes it when a sweep ends does not run), and the exit status is 130, a shell's
     for an interrupted command. Other launchers are left to themselves: a job ends ``interrupted`` there, and
     a joblib pool may still start the jobs it has queued."""
-    print(f"{run_dir}: interrupted, so the sweep stops here; to continue it, run the same command with "
-          f"hydra.sweep.dir={sweep_dir}", file=sys.stderr)
-    announce_index(sweep_dir)
-    sys.exit(130)
+    end_sweep(sweep_dir, f"{run_dir}: interrupted, so the sweep stops here; {how_to_continue(sweep_dir)}")
 
 
 def sweep_stopped_by_ctrl_c() -> None:
@@ -112,11 +109,21 @@ def sweep_stopped_by_ctrl_c() -> None:
         return
     sweep_dir, launcher = SweepIndex.launched
     if launcher == SLURM_LAUNCHER:
-        print(f"stopped waiting for the sweep in {sweep_dir}: its jobs submitted to SLURM go on (squeue and scancel "
-              f"list and cancel them); python scripts/sweep_index.py {sweep_dir} lists them again", file=sys.stderr)
+        why = (f"stopped waiting for the sweep in {sweep_dir}: its jobs submitted to SLURM go on (squeue and "
+               f"scancel list and cancel them); python scripts/sweep_index.py {sweep_dir} lists them again")
     else:
-        print(f"the sweep stopped (Ctrl-C); to continue it, run the same command with hydra.sweep.dir={sweep_dir}",
-              file=sys.stderr)
+        why = f"the sweep stopped (Ctrl-C); {how_to_continue(sweep_dir)}"
+    end_sweep(sweep_dir, why)
+
+
+def how_to_continue(sweep_dir: Path) -> str:
+    return f"to continue it, run the same command with hydra.sweep.dir={sweep_dir}"
+
+
+def end_sweep(sweep_dir: Path, why: str) -> NoReturn:
+    """Say why the sweep ends here, write its index (a directory exists once a job started) and exit with
+    status 130, a shell's for an interrupted command."""
+    print(why, file=sys.stderr)
     if sweep_dir.is_dir():
         announce_index(sweep_dir)
     sys.exit(130)

@@ -92,6 +92,12 @@ class ChainModel(nn.Module):
         return [list(block.parameters()) for block in self.blocks]
 
 
+def is_plain_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is a ChainModel whose forward is still the composition of its blocks (a subclass may
+    have its own): what the probes may take apart block by block."""
+    return isinstance(model, ChainModel) and type(model).forward is ChainModel.forward
+
+
 def glorot_(module: nn.Module) -> None:
     """Glorot (Xavier) uniform weights and zero biases for every conv/linear layer."""
     for m in module.modules():

@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from bnopt.models import ChainModel
+from bnopt.models import is_plain_chain
 from bnopt.probes.observation import (
     RandomState, current_gradient, dense, loss_at, observation, optimizer_parameters, parameters_at,
     per_tensor_norms, simulate_optimizer_step, zeros_where_missing,
@@ -182,7 +182,7 @@ def _stages(model: nn.Module) -> list[nn.Module] | None:
     stages one by one would skip them."""
     if model._forward_hooks or model._forward_pre_hooks or model._backward_hooks or model._backward_pre_hooks:
         return None
-    if isinstance(model, ChainModel) and type(model).forward is ChainModel.forward:
+    if is_plain_chain(model):
         children = list(model.blocks)
     elif isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward:
         children = list(model)

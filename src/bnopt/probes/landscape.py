@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from bnopt.models import ChainModel
+from bnopt.models import is_plain_chain
 from bnopt.probes.observation import (
     RandomState, current_gradient, dense, free_state, loss_at, observation, parameters_at, per_tensor_norms,
     zeros_where_missing,
@@ -136,7 +136,7 @@ def vmap_pays(model: nn.Module) -> bool:
     (an embedding with ``sparse=True``), which ``vmap`` cannot batch. (Noisy layers batch: their draws come from their own
     generator, the same at every eta. Whether the model draws from the global one,
     :func:`probe_landscape` sees from its passes.)"""
-    if not (isinstance(model, ChainModel) and type(model).forward is ChainModel.forward):
+    if not is_plain_chain(model):
         return False
     devices = {p.device.type for p in model.parameters()}
     return (batching_pays_on(devices, torch.get_num_threads())
