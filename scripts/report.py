@@ -19,7 +19,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.figures import LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_sets  # noqa: E402
-from bnopt.results import Run, committed_result_dirs, completed, load_runs, select, unfinished_note  # noqa: E402
+from bnopt.results import (Run, committed_result_dirs, completed, load_runs, mixed_settings, select,  # noqa: E402
+                           unfinished_note)
+from bnopt.rundir import FINISHED  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,13 +47,35 @@ def final(run: Run, metric: str) -> float | None:
     return float(s.iloc[-1]) if len(s) else None
 
 
+def first(run: Run, metric: str) -> float | None:
+    s = run.series(metric)
+    return float(s.iloc[0]) if len(s) else None  # none yet: a run killed, or just started
+
+
 def median_over_training(run: Run, metric: str, layer: int | None = None) -> float | None:
     s = run.series(metric, layer)
     return float(s.median()) if len(s) else None
 
 
-def with_note(note: str) -> str:
-    return f"\n\n{note}" if note else ""
+def with_note(*notes: str) -> str:
+    return "".join(f"\n\n{note}" for note in notes if note)
+
+
+def pick(runs: list[Run], notes: list[str], what: str, over: tuple[str, ...] = ("seed",), **conditions) -> list[Run]:
+    """``select(runs, **conditions)``, the runs a row summarises over ``over``; a note in ``notes`` where they
+    are not repeats of one setting (other settings mixed in, a run counted twice)."""
+    chosen = select(runs, **conditions)
+    if mixed := mixed_settings(chosen, over):
+        notes.append(f"{what}: summarised over {'/'.join(over)}, although {mixed}.")
+    return chosen
+
+
+def finished(runs: list[Run], notes: list[str], what: str) -> list[Run]:
+    """The runs that completed or diverged: a median over training from a run stopped partway is a median
+    over another span. The others are named in ``notes``."""
+    if note := unfinished_note(runs, of=what):
+        notes.append(note)
+    return [r for r in runs if r.status in FINISHED]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -68,21 +92,28 @@ def each_set(runs: list[Run], model: str, lr_sweep: bool = False) -> list[tuple[
 def vgg_training(runs: list[Run]) -> str:
     out = []
     for name, vgg in each_set(runs, "vgg"):
-        rows, shown = [], []
+        rows, shown, notes = [], [], []
         for norm, lr in [("none", 0.1), ("batchnorm", 0.1), ("noisy_batchnorm", 0.1), ("lp1", 0.1), ("lp2", 0.1),
                          ("lpinf", 0.1), ("none", 0.5), ("batchnorm", 0.5), ("none", 0.01), ("batchnorm", 0.01)]:
-            chosen = select(vgg, norm__name=norm, optim__lr=lr)
+            chosen = pick(vgg, notes, f"{LABELS[norm]}, lr {lr:g}", norm__name=norm, optim__lr=lr)
             if not chosen:
                 continue
             shown += chosen
             trained = completed(chosen)
-            rows.append([LABELS[norm], f"{lr:g}", seeds([steps_to(r, "train/acc", 0.9) for r in chosen], "{:.0f}"),
+            reached = [steps_to(r, "train/acc", 0.9) for r in chosen]
+            not_reached = sum(step is None for step in reached)
+            if not_reached == len(chosen):
+                steps_cell = "not reached"
+            else:
+                steps_cell = seeds(reached, "{:.0f}") + (f" (not reached by {not_reached} of {len(chosen)} runs)"
+                                                         if not_reached else "")
+            rows.append([LABELS[norm], f"{lr:g}", steps_cell,
                          seeds([final(r, "train/acc") for r in trained]), seeds([final(r, "test/acc") for r in trained]),
                          ", ".join(sorted({r.status for r in chosen}))])
         out.append(f"**VGG training** ({name}):\n\n" + table(
             ["variant", "lr", "steps to 90% train acc (rolling mean of 5 logs)",
              "final train acc (batch; completed runs)", "final test acc (completed runs)", "status"], rows)
-            + with_note(unfinished_note(shown)))
+            + with_note(unfinished_note(shown), *notes))
     return "\n\n".join(out)
 
 
@@ -111,17 +142,18 @@ def ics(runs: list[Run]) -> str:
     out = []
     for model, lrs, layers in (("vgg", (0.1, 0.01), (5, 10)), ("dln", (1e-6, 1e-7), (9, 17))):
         for name, rs in each_set(runs, model):
-            rows = []
+            rows, notes = [], []
             for lr in lrs:
                 for norm in ("none", "batchnorm"):
-                    chosen = select(rs, norm__name=norm, optim__lr=lr)
+                    what = f"{LABELS[norm]}, lr {lr:g}"
+                    chosen = finished(pick(rs, notes, what, norm__name=norm, optim__lr=lr), notes, f"{what}'s medians")
                     for layer in layers:
                         if chosen:
                             rows.append([LABELS[norm], f"{lr:g}", f"#{layer}",
                                          seeds([median_over_training(r, "ics/l2", layer) for r in chosen]),
                                          seeds([median_over_training(r, "ics/cos", layer) for r in chosen])])
             out.append(f"**ICS, {model.upper()}** ({name}; medians over training, then over seeds):\n\n" + table(
-                ["variant", "lr", "layer", "‖G − G'‖₂", "cos(G, G')"], rows))
+                ["variant", "lr", "layer", "‖G − G'‖₂", "cos(G, G')"], rows) + with_note(*notes))
     return "\n\n".join(out)
 
 
@@ -141,9 +173,10 @@ def landscape(runs: list[Run]) -> str:
     out = []
     for model, lr in (("vgg", 0.1), ("dln", 1e-6)):
         for name, rs in each_set(runs, model):
-            rows, betas = [], {}
+            rows, betas, notes = [], {}, []
             for norm in LP_VARIANTS:
-                chosen = select(rs, norm__name=norm, optim__lr=lr)
+                what = LABELS[norm]
+                chosen = finished(pick(rs, notes, what, norm__name=norm, optim__lr=lr), notes, f"{what}'s medians")
                 if not chosen:
                     continue
                 beta = [r.series("landscape/beta") for r in chosen]
@@ -162,22 +195,25 @@ def landscape(runs: list[Run]) -> str:
                        f"over the η grid; medians over all of training and over its first fifth):\n\n" + table(
                            ["variant", "loss range", "loss range, first fifth", "grad-predictiveness range",
                             "grad-predictiveness range, first fifth", "effective β", "β, first fifth", "β, max"],
-                           rows) + ratio)
+                           rows) + ratio + with_note(*notes))
     return "\n\n".join(out)
 
 
 def dln_losses(runs: list[Run]) -> str:
     out = []
     for name, dln in each_set(runs, "dln"):
-        rows, shown = [], []
+        rows, shown, notes = [], [], []
         for norm in LP_VARIANTS:
-            chosen = select(dln, norm__name=norm, optim__lr=1e-6)
+            chosen = pick(dln, notes, LABELS[norm], norm__name=norm, optim__lr=1e-6)
             shown += chosen
             if chosen:
                 rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in completed(chosen)]),
-                             seeds([float(r.series("train/loss").iloc[0]) for r in chosen])])
-        out.append(f"**DLN final training loss** ({name}, lr 1e-6, 10,000 steps; mean (min–max) over seeds):\n\n"
-                   + table(["variant", "final loss (completed runs)", "initial loss"], rows) + with_note(unfinished_note(shown)))
+                             seeds([first(r, "train/loss") for r in chosen]),
+                             ", ".join(sorted({r.status for r in chosen}))])
+        steps = "/".join(f"{n:,}" for n in sorted({r.get("train.steps") for r in shown}))
+        out.append(f"**DLN final training loss** ({name}, lr 1e-6, {steps} steps; mean (min–max) over seeds):\n\n"
+                   + table(["variant", "final loss (completed runs)", "initial loss", "status"], rows)
+                   + with_note(unfinished_note(shown), *notes))
     return "\n\n".join(out)
 
 
@@ -219,7 +255,9 @@ def lr_sweep(runs: list[Run]) -> str:
                                    "loss": r.summary.get("final", {}).get("train/loss", np.nan),
                                    "acc": r.summary.get("final", {}).get("test/acc", np.nan)} for r in rs])
             classification = frame.acc.notna().any()
-            rows = []
+            rows, notes = [], []
+            for norm in sorted(frame.norm.unique()):
+                pick(rs, notes, LABELS.get(norm, norm), ("seed", "optim.lr"), norm__name=norm)
             for (norm, lr), group in frame.groupby(["norm", "lr"]):
                 trained = group[group.status == "completed"]
                 row = [LABELS.get(norm, norm), f"{lr:g}", f"{(group.status == 'diverged').sum()}/{len(group)}",
@@ -228,7 +266,7 @@ def lr_sweep(runs: list[Run]) -> str:
             columns = ["variant", "lr", "diverged", "final train loss (completed runs)"]
             out.append(f"**Learning-rate sweep, {model.upper()}** ({name}):\n\n" + table(
                 columns + ["final test acc (completed runs)"] if classification else columns, rows)
-                + with_note(unfinished_note(rs)))
+                + with_note(unfinished_note(rs), *notes))
     return "\n\n".join(out)
 
 

@@ -3,7 +3,7 @@
     python scripts/sweep_index.py results/runs/dln_bn/2026-11-21/12-00-00 [more sweep dirs...]
 
 One row per run directory: job number and overrides of the command that trained it (empty where they
-cannot be known), status (completed, diverged, failed, interrupted, running, unknown), steps, final
+cannot be known), status (completed, diverged, failed, interrupted, running, killed, unknown), steps, final
 train/test metrics, wall time, error. A sweep writes it when it ends; this rebuilds it for a sweep that was
 killed or is still running.
 """
@@ -26,7 +26,15 @@ def main() -> int:
             all_found = False
             print(f"{directory}: not a directory", file=sys.stderr)
             continue
-        print(write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text(), end="")
+        if any((directory / name).exists() for name in ("summary.json", "metrics.csv", "config.yaml")):
+            all_found = False
+            print(f"{directory}: a run's directory, not a sweep's (which holds one per job); not indexed",
+                  file=sys.stderr)
+            continue
+        index = write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text()
+        if len(index.splitlines()) == 1:
+            print(f"{directory}: no job directories in it (is it a sweep's?)", file=sys.stderr)
+        print(index, end="")
     return 0 if all_found else 1  # the others are indexed all the same
 
 

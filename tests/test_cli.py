@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bnopt.cli import SLURM_LAUNCHER, sweep_stopped_by_ctrl_c
-from bnopt.config import ConfigError, check_against_run, check_config
+from bnopt.config import ConfigError, check_added_keys, check_against_run, check_config
 from bnopt.hydra_callbacks import SweepIndex
 from bnopt.synthetic import write_mnist
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
@@ -148,6 +148,12 @@ def test_a_refusal_says_what_is_allowed(overrides, reason):
     assert reason in err.value.allowed
 
 
+def test_a_refused_group_of_settings_shows_its_values_not_their_interpolations():
+    with pytest.raises(ConfigError) as err:
+        check_config(compose_config("probes=[ics]", "+probes.ics.evry=5"))
+    assert str(err.value).startswith("probes.ics={'every': 100, 'layers': [5, 10], 'evry': 5} is not allowed")
+
+
 @pytest.mark.parametrize("overrides", [
     ["norm=batchnorm", "norm.momentum=1"],  # each evaluation with the last training batch's statistics
     ["norm=lp1", "norm.p=2", "norm.name=lp2_from_lp1"],
@@ -156,6 +162,32 @@ def test_a_refusal_says_what_is_allowed(overrides, reason):
 ])
 def test_values_next_to_the_refused_ones_pass(overrides):
     check_config(compose_config(*overrides))
+
+
+GROUPS = ("experiment", "model", "data", "norm", "optim", "probes", "scale", "hydra/launcher")
+
+
+@pytest.mark.parametrize("overrides, hint", [
+    (["+optim.lrr=0.1"], "did you mean optim.lr?"),  # what Hydra suggests when optim.lrr=0.1 is refused
+    (["+lr=0.1"], "did you mean model.paper.lr or optim.lr?"),
+    (["+experiment=dln_bn", "+model.dept=3"], "did you mean model.depth?"),
+    (["norm=none", "+norm.eps=1e-3"], "the settings of norm: norm.name, norm.kind, norm.noise"),  # none has none
+    (["norm=batchnorm", "+norm.noise.n_mu=1"], "the settings of norm: norm.name, norm.kind, norm.eps"),
+    (["+zzz=1"], "the top-level settings: model, data, norm"),
+])
+def test_a_setting_added_with_plus_that_nothing_reads_is_refused(overrides, hint):
+    """Hydra adds with `+` only keys the config lacks, and nothing reads those: the run would train with
+    the value ignored, its config.yaml saying otherwise."""
+    with pytest.raises(ConfigError) as err:
+        check_added_keys(compose_config(*overrides), overrides, GROUPS)
+    assert err.value.key == overrides[-1][1:].split("=")[0]
+    assert "no such setting (a '+' adds a key that nothing reads, so it would be ignored); " + hint in str(err.value)
+
+
+def test_a_plus_that_adds_a_group_a_hydra_setting_or_a_probe_setting_passes():
+    overrides = ["+experiment=dln_bn", "+hydra.callbacks.unfinished_jobs.record=x", "+probes.ics.every=3",
+                 "optim.lr=0.1", "++optim.momentum=0.5", "~optim.milestones"]
+    check_added_keys(compose_config("+experiment=dln_bn"), overrides, GROUPS)  # probes: check_config's to refuse
 
 
 def test_the_deep_linear_network_trains_on_its_whole_data_set_whatever_its_size():
@@ -227,6 +259,16 @@ def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
     unknown = run_cli("norm=batchnrom", f"hydra.run.dir={tmp_path / 'c'}")
     assert unknown.returncode != 0 and "Could not find 'norm/batchnrom'" in unknown.stderr
     assert "noisy_batchnorm" in unknown.stderr  # Hydra lists the options
+    assert_one_line_error(run_cli("+experiment=dln_bn", "+optim.lrr=0.1", f"hydra.run.dir={tmp_path / 'e'}"),
+                          "optim.lrr=0.1 is not allowed: no such setting", "did you mean optim.lr?")
+    # read before the config's checks, to limit the job's threads: one line too, not torch's traceback
+    assert_one_line_error(run_cli("+experiment=dln_bn", "threads=-1", f"hydra.run.dir={tmp_path / 'f'}"),
+                          "threads=-1 is not allowed")
+    assert_one_line_error(run_cli("+experiment=dln_bn", "optim.lr=${nowhere}", f"hydra.run.dir={tmp_path / 'g'}"),
+                          "optim.lr='<unresolvable>' is not allowed", "Interpolation key 'nowhere' not found")
+    # a value the run directory is made of: Hydra's traceback came first
+    assert_one_line_error(run_cli("+experiment=dln_bn", "name=${nowhere}"),
+                          "hydra.run.dir cannot be resolved (InterpolationKeyError")
 
 
 def test_cli_run_lands_in_the_readable_default_directory_and_divergence_exits_zero(tmp_path):
@@ -449,9 +491,10 @@ def test_a_job_that_crashes_fails_alone_in_a_sweep_and_with_its_traceback_in_a_s
 
     from bnopt import cli
 
-    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path)), launcher=None,
-                                mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN, job=SimpleNamespace(num=3),
-                                overrides=SimpleNamespace(task=["+experiment=dln_bn"]))
+    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path), choices={"experiment": "dln_bn"}),
+                                launcher=None, mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN,
+                                job=SimpleNamespace(num=3),
+                                overrides=SimpleNamespace(task=OmegaConf.create(["+experiment=dln_bn"])))
     monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
 
     def crash(cfg, run_dir, job):

@@ -1,5 +1,6 @@
 """Figures from a small synthetic results directory, the grouping logic, and runs that cannot be parsed."""
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -17,7 +18,8 @@ from bnopt.figures import (
     FIGURES, LABELS, Missing, curve, density_image, draw, fig_lr_sweep, measurement_spacing, result_sets,
     setting_note,
 )
-from bnopt.results import Run, RunReadError, aggregate, group_runs, load_runs, read_metrics, select, varying_keys
+from bnopt.results import (Run, RunReadError, aggregate, completed, group_runs, load_runs, mixed_settings, read_metrics,
+                           select, varying_keys)
 from bnopt.rundir import METRICS_HEADER
 from conftest import REPO, assert_every_figure_drawn, compose_config
 
@@ -118,7 +120,8 @@ def test_a_redrawn_figure_is_the_same_file(all_runs, tmp_path):
 
 def test_a_figures_title_names_every_protocol_setting_its_runs_leave(tmp_path):
     """Runs at the protocol's settings get the data set, scale and size alone; each setting a run leaves by a
-    config value is named with the values the runs take, so a figure cannot pass for the paper's setting."""
+    config value is named with the values the runs take, and with how many of them take one where not all
+    do, so a figure cannot pass for the paper's setting, nor its runs for runs of one setting."""
     def run_of(*overrides):
         config = compose_config("scale=cpu", "probes=none", *overrides)
         return Run(tmp_path, OmegaConf.to_container(config, resolve=True), pd.DataFrame(), {})
@@ -130,8 +133,9 @@ def test_a_figures_title_names_every_protocol_setting_its_runs_leave(tmp_path):
         "gaussian_regression; scale=cpu")
     left = [run_of(*vgg, "data.normalise=none", "norm=noisy_batchnorm", "norm.noise.train_only=false"),
             run_of(*vgg, "optim.momentum=0.9"), run_of(*vgg, "optim.momentum=0.5", "norm=lp1", "norm.norm_of=centred")]
-    assert setting_note(left).endswith("paper: CIFAR-10; data.normalise=none; norm.norm_of=centred; "
-                                       "norm.noise.train_only=False; optim.momentum=0.5/0.9")
+    assert setting_note(left).endswith("paper: CIFAR-10; data.normalise=none (1 of 3 runs); norm.norm_of=centred "
+                                       "(1 of 3 runs); norm.noise.train_only=False (1 of 3 runs); "
+                                       "optim.momentum=0.5/0.9 (2 of 3 runs)")
     assert setting_note([run_of("+experiment=dln_bn", "data.x_std=2.0", "model.norm_after_last=true")]) == (
         "gaussian_regression; scale=cpu; data.x_std=2.0; model.norm_after_last=True")
 
@@ -312,6 +316,98 @@ def test_final_values_come_from_completed_runs_alone(tmp_path):
     plt.close("all")
 
 
+def test_runs_of_mixed_settings_are_named_where_they_are_averaged_as_seeds(all_runs, tmp_path, monkeypatch):
+    """A curve or a table cell averages runs as seeds of one setting. A run of another setting among them
+    (momentum, here) or one counted twice (a copy) was averaged in without a word, and the figure's title
+    named the odd run's setting as if every run had it."""
+    dln = [r for r in all_runs if r.get("model.name") == "dln" and r.get("name") == "fig"]
+    bn = select(dln, norm__name="batchnorm", optim__lr=1e-6)  # seeds 0 and 1
+    assert mixed_settings(bn) == ""
+
+    def variant(path: str, **changes) -> Run:
+        config = copy.deepcopy(bn[0].config)
+        for key, value in changes.items():
+            *parents, last = key.split("__")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[last] = value
+        return dataclasses.replace(bn[0], path=tmp_path / path, config=config)
+
+    # what does not change the training (the probes observe; logging decides which steps have values)
+    observed = variant("observed", seed=3, probes=None, train__log_every=7)
+    momentum = variant("momentum", seed=2, optim__momentum=0.9)
+    copied = variant("copied")
+    assert mixed_settings([*bn, observed]) == ""
+    assert mixed_settings([*bn, momentum]) == "its 3 runs differ in optim.momentum"
+    assert mixed_settings([*bn, copied]) == "its 3 runs hold seed 0 more than once"
+    sweep = select(all_runs, name="lr_sweep_dln", norm__name="batchnorm")  # two lrs, two seeds each
+    assert mixed_settings(sweep, over=("seed", "optim.lr")) == "" != mixed_settings(sweep)
+
+    texts, messages = [], []
+    real_text = plt.Figure.text
+    monkeypatch.setattr(plt.Figure, "text", lambda fig, x, y, s, **kw: texts.append(s) or real_text(fig, x, y, s, **kw))
+    assert draw("12", [*all_runs, momentum], tmp_path / "figs", warn=messages.append)
+    mixed = "averaged as seeds, although DLN (norm.name=batchnorm, optim.lr=1e-06): its 3 runs differ in optim.momentum"
+    assert [m for m in messages if "averaged" in m] == [f"fig 12 [cpu-gaussian_regression]: {mixed}"]
+    title, note = texts  # the suptitle is a figure text as well
+    assert note == mixed and "optim.momentum=0.9 (1 of 15 runs)" in title  # on the image too
+    report = report_module()
+    assert ("BatchNorm: summarised over seed, although its 3 runs differ in optim.momentum."
+            in report.dln_losses([*all_runs, momentum]))
+    assert "summarised over" not in "".join(section(all_runs) for section in report.SECTIONS)
+    plt.close("all")
+
+
+def test_the_report_reads_runs_just_started_or_stopped_partway(tmp_path):
+    """A run killed as it started has no rows yet (report.py failed on it with an IndexError); a median over
+    training from a run stopped partway is over another span (it went into the ICS and landscape tables
+    unnamed); a seed that never reached 90% dropped out of "steps to 90%" without a word."""
+    for seed in (0, 1, 2):
+        fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100)
+        fake_run(tmp_path, "vgg", "batchnorm", 0.1, seed=seed, steps=100)
+    started = next(tmp_path.glob("dln-batchnorm-*-1-fig"))
+    (started / "metrics.csv").write_text(METRICS_HEADER + "\n")
+    (started / "summary.json").write_text(json.dumps({"status": "running", "steps": 0}))
+    stopped = next(tmp_path.glob("dln-batchnorm-*-2-fig"))
+    (stopped / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": 40}))
+    for seed, accuracy in ((0, 0.95), (1, 0.5), (2, 0.5)):  # seed 0 reaches 90% at step 40, the others never
+        run_dir = next(tmp_path.glob(f"vgg-batchnorm-*-{seed}-fig"))
+        metrics = read_metrics(run_dir / "metrics.csv")
+        metrics.loc[metrics.name == "train/acc", "value"] = accuracy
+        metrics.to_csv(run_dir / "metrics.csv", index=False)
+    runs = load_runs([tmp_path])
+    report = report_module()
+    dln = report.dln_losses(runs)
+    assert "(cpu-gaussian_regression, lr 1e-6, 100 steps;" in dln and "| completed, interrupted, running |" in dln
+    (complete,) = completed(select(runs, model__name="dln"))
+    ics = report.ics(runs)
+    median = complete.series("ics/l2", 9).median()
+    assert f"| BatchNorm | 1e-06 | #9 | {median:.3g} |" in ics  # seed 0's alone
+    assert ("2 run(s) not finished (interrupted 1, running 1) are left out of BatchNorm, lr 1e-06's medians"
+            in ics)
+    assert "are left out of BatchNorm's medians" in report.landscape(runs)
+    assert "| BatchNorm | 0.1 | 40 (not reached by 2 of 3 runs) |" in report.vgg_training(runs)
+
+
+def test_the_learning_rate_figure_of_one_model_has_its_column_alone(results):
+    sweep = load_runs([results / "sweeps" / "dln"])
+    fig = fig_lr_sweep({"vgg": [], "dln": sweep, "mlp": []}, Missing())
+    assert [ax.get_title() for ax in fig.axes] == ["DLN: final training loss (mean, min-max over seeds)",
+                                                   "DLN: final training accuracy"]  # empty VGG and MLP columns
+    assert " | " not in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_a_runs_path_is_taken_as_written_where_it_exists(results, tmp_path):
+    """"[v2]" in a directory's name is a glob character class: the directory read as missing."""
+    import shutil
+
+    shutil.copytree(results / "sweeps" / "dln", tmp_path / "sweep [v2]")
+    messages = []
+    assert len(load_runs([tmp_path / "sweep [v2]"], warn=messages.append)) == 8 and not messages
+
+
 def test_lr_sweep_draws_accuracy_only_for_classification(results):
     runs = load_runs([results / "sweeps"])
     fig = fig_lr_sweep({m: select(runs, model__name=m) for m in ("vgg", "dln", "mlp")}, Missing())
@@ -463,6 +559,7 @@ def test_the_committed_results_still_draw_every_figure_and_the_report(tmp_path):
     output = figures.stdout + figures.stderr
     assert figures.returncode == 0, output
     assert f"{stored} runs read" in output and "missing" not in output and "skipp" not in output, output
+    assert "averaged as seeds, although" not in output, output  # each curve's runs differ in their seeds alone
     assert_every_figure_drawn(tmp_path)
     report = subprocess.run([sys.executable, str(REPO / "scripts/report.py")], capture_output=True, text=True)
     assert report.returncode == 0 and not report.stderr, report.stderr

@@ -461,6 +461,37 @@ def test_probes_reading_grad_fields_replay_the_random_state_of_the_training_pass
     assert logged["landscape/grad_diff"] < 1e-6 * logged["landscape/grad_norm"]
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_loop_probes_compute_the_gradient_themselves_where_training_computed_it_otherwise(reuse):
+    """A training pass in other numerics (TF32 products on a GPU, a compiled graph) leaves a ``.grad`` a
+    little off the probes' own full-fp32 gradient; stood in for here by 1e-3 of noise on it. Read back, it
+    shows as a shift with nothing moved; computed by the probe (as the loop has it in those runs), none."""
+    model = DropoutChain()
+    loss_fn = nn.functional.cross_entropy
+    batch = (torch.randn(20, 8), torch.randint(0, 3, (20,)))
+    optimizer = torch.optim.SGD([{"params": model.layer_params()[0], "lr": 0.0},
+                                 {"params": model.layer_params()[1], "lr": 0.1}])
+    rows = {}
+    log = lambda step, name, value, **key: rows.__setitem__(name, value)  # noqa: E731
+    probes = [ICSProbe(model, loss_fn, optimizer, log, [2], 1, reuse_training_gradient=reuse),
+              LandscapeProbe(model, loss_fn, log, [1e-12], 1, "gradient", seed=0, batched=False,
+                             reuse_training_gradient=reuse)]
+    torch.manual_seed(5)
+    for probe in probes:
+        probe.before_forward(0)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    for p in model.parameters():
+        p.grad += 1e-3 * p.grad.abs().max() * torch.randn_like(p)
+    grads = [p.grad.clone() for p in model.parameters()]
+    for probe in probes:
+        probe.after_backward(0, batch)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    if reuse:
+        assert rows["ics/l2"] > 0 and rows["landscape/grad_diff"] > 1e-4 * rows["landscape/grad_norm"]
+    else:
+        assert rows["ics/l2"] == 0.0 and rows["landscape/grad_diff"] < 1e-6 * rows["landscape/grad_norm"]
+
+
 class CountingScale(nn.Module):
     """Scales by 1 + calls / 10, where ``calls`` counts its forward passes: module state that a pass changes,
     in place, through ``.data`` (unseen by version counters) or by reassigning the buffer."""

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 from bnopt.norms import BatchNorm, LpNorm, NoiseSpec, NoisyNorm, NoNorm, norm_factory, normalises, set_noise_step
 from bnopt.seeding import derived_seed
@@ -268,3 +269,21 @@ def test_noise_constants_are_checked():
         NoiseSpec(n_sigma=0.5)
     with pytest.raises(ValueError):
         NoiseSpec(r_mu=-1)
+
+
+def test_noisy_norm_compiles_once_and_draws_as_in_eager_mode():
+    """The noise depends on the step: traced, it recompiled the graph at every step, until Dynamo's limit
+    (8) dropped the model back to eager mode for good. Its draws now stay outside the graph."""
+    from torch._dynamo.utils import counters
+
+    model = nn.Sequential(nn.Linear(6, 5), NoisyNorm(BatchNorm(5), NoiseSpec(), seed=0, layer_key=1), nn.Tanh())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(16, 6)
+    frames = []
+    for step in range(12):
+        set_noise_step(model, step)
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+        frames.append(counters["frames"]["total"])  # the frames Dynamo has (re)compiled so far
+    assert frames[-1] == frames[1], frames  # none after the first steps
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 import bnopt.train
 from bnopt.rundir import RunDirectory
 from bnopt import sweeps
-from bnopt.sweeps import gpu_slot, index_rows, job_threads
+from bnopt.sweeps import gpu_lock_dir, gpu_slot, index_rows, job_threads, visible_gpu_names
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
 
 
@@ -46,10 +47,10 @@ def test_each_job_takes_its_share_of_the_cores():
 
 
 def test_concurrent_jobs_get_distinct_gpu_slots(tmp_path):
-    with gpu_slot(tmp_path, 2) as a, gpu_slot(tmp_path, 2) as b:
+    with gpu_slot(tmp_path, ["0", "1"], 0) as a, gpu_slot(tmp_path, ["0", "1"], 0) as b:
         assert {a, b} == {0, 1}
         third: list[int] = []
-        waiter = threading.Thread(target=lambda: third.append(next_slot(tmp_path)))
+        waiter = threading.Thread(target=lambda: third.append(next_slot(tmp_path, ["0", "1"])))
         waiter.start()
         waiter.join(timeout=1.5)
         assert waiter.is_alive() and not third  # both GPUs taken: the third job waits
@@ -57,9 +58,39 @@ def test_concurrent_jobs_get_distinct_gpu_slots(tmp_path):
     assert third == [0]  # and gets the first one freed
 
 
-def next_slot(lock_dir):
-    with gpu_slot(lock_dir, 2, wait_s=0.05) as k:
+def next_slot(lock_dir, gpus):
+    with gpu_slot(lock_dir, gpus, 0, wait_s=0.05) as k:
         return k
+
+
+def test_jobs_that_see_other_gpus_lock_each_physical_gpu_once(tmp_path, monkeypatch):
+    """Two sweeps side by side, one with CUDA_VISIBLE_DEVICES=3,5 and one with 5: GPU 5 is the first's
+    cuda:1 and the second's cuda:0, one lock. The locks are the machine's, not a sweep directory's."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpu_names(2) == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert visible_gpu_names(1) == ["5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu_names(2) == ["0", "1"]
+    with gpu_slot(tmp_path, ["3", "5"], 0) as a, gpu_slot(tmp_path, ["3", "5"], 0) as b:
+        assert (a, b) == (0, 1)
+        waiter = threading.Thread(target=next_slot, args=(tmp_path, ["5"]))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive()  # GPU 5 is taken under either name
+    waiter.join(timeout=5)
+    assert not waiter.is_alive()
+    assert gpu_lock_dir() == gpu_lock_dir() != tmp_path and str(os.getuid()) in gpu_lock_dir().name
+
+
+def test_without_file_locks_a_job_takes_its_job_number_s_gpu_with_a_warning(tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(sweeps.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock a GPU .*No locks available.*runs on cuda:1"):
+        with gpu_slot(tmp_path, ["0", "1"], fallback=1) as k:
+            assert k == 1
 
 
 def read_index(sweep_dir: Path) -> list[dict]:
@@ -82,6 +113,17 @@ def test_local_parallel_sweep_goes_on_past_failed_and_diverged_jobs(tmp_path):
     assert float(by_lr[("batchnorm", "1e-06")]["train/loss"]) > 0
     threads = json.loads((tmp_path / "1" / "summary.json").read_text())["threads"]
     assert threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_a_job_with_a_bad_thread_count_fails_alone(tmp_path):
+    """``threads`` is read before the config's checks, to limit the job's threads: a bad one ended the
+    whole sweep in torch's traceback, without an index."""
+    result = run_cli("-m", "+experiment=dln_bn", "scale=smoke", "probes=none", "threads=-1,1",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    failed, completed = read_index(tmp_path)
+    assert failed["status"] == "failed" and failed["error"].startswith("ConfigError: threads=-1 is not allowed")
+    assert completed["status"] == "completed"
 
 
 def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
@@ -163,6 +205,42 @@ def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
                                   str(tmp_path)], capture_output=True, text=True)
     assert with_a_typo.returncode == 1 and f"{tmp_path / 'nope'}: not a directory" in with_a_typo.stderr
     assert [r["dir"] for r in read_index(tmp_path)] == ["0", "1"]  # the other directory is indexed all the same
+
+
+def test_a_run_killed_without_a_word_is_told_from_one_still_training(tmp_path):
+    """A SIGKILL leaves a summary saying ``running`` (written as the run starts, with the step it started
+    from). Its .lock names the process that trained it: where that is gone on this machine, the index and
+    the figures' and report's reading say ``killed``; where it lives, or is another machine's, ``running``.
+    Either way the index gives the last step logged."""
+    from bnopt.results import read_run, unfinished_note
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    for job, holder in (("0", f"pid {dead_pid} on {socket.gethostname()}"), ("1", sweeps.lock_holder()),
+                        ("2", f"pid {dead_pid} on another-node")):
+        train_run(tmp_path / job, "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=20")
+        summary = json.loads((tmp_path / job / "summary.json").read_text())
+        (tmp_path / job / "summary.json").write_text(json.dumps({**summary, "status": "running", "steps": 0}))
+        (tmp_path / job / ".lock").write_text(holder + "\n")
+    rows = {r["dir"]: r for r in index_rows(tmp_path)}
+    assert {job: (r["status"], r["steps"]) for job, r in rows.items()} == {
+        "0": ("killed", 15), "1": ("running", 15), "2": ("running", 15)}
+    assert rows["0"]["error"].startswith("its process ended without a word")
+    runs = [read_run(tmp_path / job) for job in "012"]
+    assert [r.status for r in runs] == ["killed", "running", "running"]
+    assert unfinished_note(runs).startswith("3 run(s) not finished (killed 1, running 2)")
+
+
+def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
+    train_run(tmp_path / "run", "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=2")
+    result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "a run's directory, not a sweep's" in result.stderr
+    assert not (tmp_path / "run" / "index.csv").exists()
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "empty")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "no job directories in it" in result.stderr
 
 
 def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tmp_path):
@@ -331,6 +409,82 @@ def test_a_signal_during_the_final_evaluation_lets_the_run_finish(tmp_path, monk
     assert handlers[-1] is handlers[0] is not outside  # at step 30 as at step 0
     assert summary["status"] == "completed" and summary["steps"] == 30
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["status"] == "completed"
+
+
+def test_a_checkpoint_keeps_the_random_state_of_the_run_s_gpu_only(tmp_path, monkeypatch):
+    """A CPU run on a machine with GPUs reads no GPU's random state (which would start a CUDA context on
+    each GPU, from every job of a sweep); a checkpoint from before, with every visible GPU's state, resumes
+    where fewer GPUs are visible (torch's set_rng_state_all failed there with an IndexError)."""
+    def no_gpu_state(*args):
+        raise AssertionError("a GPU's random state read in a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_gpu_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_gpu_state)
+    train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=none", "device=cpu")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["rng"]["cuda"] is None
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_gpu_state)
+    cfg = compose_config("+experiment=dln_bn", "scale=smoke")
+    data = bnopt.train.load_data(cfg.data, cfg.seed)
+    model = bnopt.train.build_model(cfg, data)
+    optimizer, schedule = bnopt.train.build_optimizer(cfg.optim, model, cfg.train.steps)
+    batches = bnopt.train.BatchStream(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed)
+    gpu_states = [torch.full((8,), k, dtype=torch.uint8) for k in range(2)]  # saved on a node with 2 GPUs
+    for device, expected in [("cuda:1", 1), ("cuda:3", None), ("cpu", None)]:
+        restored.clear()
+        old = {**state, "rng": {**state["rng"], "cuda": gpu_states}}
+        bnopt.train.restore_state(old, model, optimizer, schedule, batches, torch.device(device), tmp_path)
+        assert restored == ([] if expected is None else [(gpu_states[expected], torch.device(device))])
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_log_says_where_a_rerun_continues(tmp_path, monkeypatch, caplog):
+    """Two SIGINTs (sent for real) at step 15: the second stops the run there, between its checkpoints of
+    steps 10 and 20. Its summary says how far it got (interrupted, step 15), which is not where it resumes:
+    the log line says that, and the re-run continues from step 10 to the uninterrupted run's metrics."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none", "train.checkpoint_every=10", "train.log_every=5")
+    train_run(tmp_path / "reference", *args)
+    real_log_train = bnopt.train.log_train
+
+    def log_train(step, *rest):
+        real_log_train(step, *rest)
+        if step == 15:
+            os.kill(os.getpid(), signal.SIGINT)  # the run's handler notes a stop is asked for
+            os.kill(os.getpid(), signal.SIGINT)  # and raises KeyboardInterrupt at the second
+
+    monkeypatch.setattr(bnopt.train, "log_train", log_train)
+    with caplog.at_level("INFO", logger="bnopt"), pytest.raises(KeyboardInterrupt):
+        train_run(tmp_path / "run", *args)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 15
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["step"] == 10
+    assert (f"{tmp_path / 'run'}: interrupted at step 15; train/loss " in caplog.text
+            and caplog.text.rstrip().endswith("; the same command continues it from step 10, its last checkpoint"))
+    monkeypatch.setattr(bnopt.train, "log_train", real_log_train)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bnopt"):
+        train_run(tmp_path / "run", *args)
+    assert "resuming from step 10 of 30" in caplog.text and "its last checkpoint" not in caplog.text
+    assert (tmp_path / "run/metrics.csv").read_text() == (tmp_path / "reference/metrics.csv").read_text()
+
+
+def test_an_error_before_the_first_checkpoint_says_the_run_starts_again(tmp_path, monkeypatch, caplog):
+    real_log_train = bnopt.train.log_train
+
+    def log_train(step, *rest):
+        real_log_train(step, *rest)
+        if step == 5:
+            raise RuntimeError("a fault at step 5")
+
+    monkeypatch.setattr(bnopt.train, "log_train", log_train)
+    with caplog.at_level("INFO", logger="bnopt"), pytest.raises(RuntimeError, match="a fault at step 5"):
+        train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=none", "train.log_every=5")
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+    assert f"{tmp_path}: failed at step 5; train/loss " in caplog.text
+    assert caplog.text.rstrip().endswith("; it has no checkpoint yet: the same command starts it again from step 0")
 
 
 def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tmp_path, monkeypatch):
@@ -508,6 +662,11 @@ def test_compiled_forward_trains_like_the_eager_one(tmp_path):
     assert first[1] == pytest.approx(first[0], rel=1e-5)  # the same network on the same first batch
     # Compiled kernels fuse and reorder float32 arithmetic; over the run the loss drifts by ~1e-4 relative.
     assert compiled["final"]["train/loss"] == pytest.approx(eager["final"]["train/loss"], rel=1e-3)
+    # At step 0 (the same weights) the probes measure the same, to the bit: they compute in eager fp32, and
+    # in the compiled run they take the gradient from their own pass, not from the compiled graph's .grad.
+    probed = [[row for row in read_rows(tmp_path / name, ("ics/", "landscape/")) if row.startswith("0,")]
+              for name in ("eager", "compiled")]
+    assert probed[0] and probed[0] == probed[1]
 
 
 @pytest.mark.parametrize("status, listed", [("completed", False), ("diverged", False), ("interrupted", True),

@@ -141,6 +141,56 @@ def test_a_run_leaves_the_process_thread_count_and_float32_settings_as_it_found_
         cudnn.allow_tf32 = saved[2]
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_the_loop_probes_read_the_training_gradient_only_where_it_is_computed_as_theirs(tmp_path, monkeypatch, tf32):
+    """On a CPU in full fp32 (eager) the training pass's .grad is the probes' own gradient, bit for bit, and
+    saves them a pass; under TF32 (or compiled: tests/test_sweeps.py) the probes compute it themselves."""
+    import bnopt.train
+
+    built = []
+
+    def build_probes(*args, **kwargs):
+        built.append(kwargs["reuse_training_gradient"])
+        return real_build_probes(*args, **kwargs)
+
+    real_build_probes = bnopt.train.build_probes
+    monkeypatch.setattr(bnopt.train, "build_probes", build_probes)
+    summary = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "train.steps=2", f"train.tf32={tf32}")
+    assert summary["status"] == "completed" and built == [not tf32]
+
+
+def test_an_empty_probe_list_is_no_probes(tmp_path):
+    summary = train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=[]")
+    assert summary["status"] == "completed"
+    assert set(pd.read_csv(tmp_path / "metrics.csv").name) == {"train/loss"}
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_the_float32_settings_stay_the_run_s_through_its_probes(tmp_path, monkeypatch, tf32):
+    """The probes measure in full fp32 and put the run's settings back: for a TF32 run set through the
+    legacy flag, putting back its precision ("high") also switched the CPU's matmuls to TF32 from the first
+    probe on, a change of numerics mid-run."""
+    import bnopt.train
+
+    seen = []
+
+    def noting_the_settings(real):
+        def call(*args):
+            mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9
+            seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                         torch.backends.cudnn.allow_tf32, getattr(mkldnn_matmul, "fp32_precision", None)))
+            return real(*args)
+        return call
+
+    # evaluate: at step 0 before the first probe, log_train: after each
+    for name in ("evaluate", "log_train"):
+        monkeypatch.setattr(bnopt.train, name, noting_the_settings(getattr(bnopt.train, name)))
+    train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=[ics]", "probes.ics.every=5",
+              "train.log_every=5", "train.eval_every=1000", f"train.tf32={tf32}")
+    assert len(seen) == 8 and len(set(seen)) == 1, seen
+    assert seen[0][:3] == (("high", True, True) if tf32 else ("highest", False, False))
+
+
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path, cifar_root):
     args = ("+experiment=noisy_bn", "scale=smoke", f"data.root={cifar_root}", "data.download=false")
     train_run(tmp_path / "a", *args)

@@ -20,13 +20,14 @@ from typing import NoReturn
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from bnopt.config import ConfigError
+from bnopt.config import ConfigError, check_added_keys, check_threads
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.hydra_callbacks import SweepIndex
 from bnopt.rundir import FINISHED, OutputDirError, RunBusyError, RunDirectory
-from bnopt.sweeps import announce_index, gpu_slot, job_threads, limit_threads
+from bnopt.sweeps import (announce_index, gpu_lock_dir, gpu_slot, job_threads, limit_threads,
+                          visible_gpu_names)
 from bnopt.train import AnotherConfigError, ResumeError, train
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
@@ -45,14 +46,19 @@ def main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    threads = job_threads(cfg.get("threads"), hydra_cfg.launcher if in_sweep else None)
-    if threads:
-        limit_threads(threads)
-    job = {"num": hydra_cfg.job.num if in_sweep else None, "overrides": list(hydra_cfg.overrides.task)}
+    # As typed: an interpolation in an override (optim.lr=${x}) is for the config's checks to resolve or refuse.
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    job = {"num": hydra_cfg.job.num if in_sweep else None, "overrides": overrides}
     try:
-        if in_sweep and cfg.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        check_added_keys(cfg, overrides, groups=hydra_cfg.runtime.choices.keys())
+        threads = job_threads(check_threads(cfg), hydra_cfg.launcher if in_sweep else None)
+        if threads:
+            limit_threads(threads)
+        gpus = torch.cuda.device_count() if in_sweep and cfg.device in ("auto", "cuda") else 0
+        if gpus > 1:
             # a local parallel sweep on a multi-GPU machine: one free GPU per job
-            with gpu_slot(Path(hydra_cfg.sweep.dir) / ".gpu-locks", torch.cuda.device_count()) as gpu:
+            with gpu_slot(gpu_lock_dir(), visible_gpu_names(gpus), fallback=hydra_cfg.job.num % gpus) as gpu:
+                torch.cuda.set_device(gpu)  # what allocates on "the current GPU" allocates on this one
                 cfg.device = f"cuda:{gpu}"
                 summary = train(cfg, run_dir, job)
         else:

@@ -8,9 +8,11 @@ layers vs the model's layers).
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -44,7 +46,10 @@ class ConfigError(ValueError):
 
 def _show(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
-        return str(OmegaConf.to_container(value))
+        try:  # the values, not the interpolations they come from (${scale.${model.name}.probe_every})
+            return str(OmegaConf.to_container(value, resolve=True))
+        except OmegaConfBaseException:
+            return str(OmegaConf.to_container(value))
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -106,6 +111,11 @@ def require(cfg: DictConfig, key: str, check: Callable[[Any], bool], allowed: st
     return value
 
 
+def check_threads(cfg: DictConfig) -> int | None:
+    """``threads``, checked; the command line reads it before anything else, to limit the job's threads."""
+    return require(cfg, "threads", optional(positive_int), "null (torch's default) or a positive integer")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Every check that needs only the config."""
     require(cfg, "name", lambda v: isinstance(v, str) and v != "" and "/" not in v,
@@ -114,7 +124,7 @@ def check_config(cfg: DictConfig) -> None:
     require(cfg, "device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or
                                                              (v.startswith("cuda:") and v[5:].isdigit())),
             "auto, cpu, cuda or cuda:<index>")
-    require(cfg, "threads", optional(positive_int), "null (torch's default) or a positive integer")
+    check_threads(cfg)
 
     model = require(cfg, "model.name", one_of(*MODELS), f"one of {', '.join(MODELS)}")
     if model == "vgg":
@@ -230,6 +240,46 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "probes.activations.quantiles", list_of(lambda q: _is_number(q) and 0 <= q <= 1),
                 "a non-empty list of quantiles in [0, 1]")
         require(cfg, "probes.activations.bins", positive_int, "a positive integer number of histogram bins")
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable[str]) -> None:
+    """Refuse a setting that a command line's ``+key=value`` added: Hydra adds only keys the config lacks,
+    and nothing reads a key the configs do not have, so the value would be ignored (``+optim.lrr=0.1``: the
+    fix Hydra suggests when ``optim.lrr=0.1`` is refused). A ``+`` that adds a config group
+    (``+experiment=...``) or a Hydra setting is fine; added probe settings have their own check."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if not override.is_add() or key in groups or key.split(".")[0] in ("hydra", "probes"):
+            continue
+        known = [k for k in _leaf_keys(cfg) if k != key and not k.startswith(f"{key}.")]
+        others = [k for k in known if not key.startswith(f"{k}.")]  # not norm.noise for norm.noise.n_mu
+        last = {k: k.split(".")[-1] for k in others}
+        close = difflib.get_close_matches(key, others, n=1, cutoff=0.8) or [  # optim.lrr; or lr for optim.lr
+            k for k in others if last[k] in difflib.get_close_matches(key.split(".")[-1], last.values(), cutoff=0.8)]
+        section = key.split(".")[0] if "." in key else None
+        if close:
+            hint = f"did you mean {' or '.join(close)}?"
+        elif section in cfg and isinstance(cfg[section], DictConfig):
+            hint = f"the settings of {section}: {', '.join(k for k in known if k.startswith(f'{section}.'))}"
+        else:
+            hint = f"the top-level settings: {', '.join(k for k in cfg.keys() if k != key)}"
+        try:
+            value = _get(cfg, key)
+        except ConfigError:
+            value = override.get_value_element_as_str()
+        raise ConfigError(key, value, f"no such setting (a '+' adds a key that nothing reads, so it would be "
+                          f"ignored); {hint}")
+
+
+def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none():
+            keys += _leaf_keys(node, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def check_against_run(cfg: DictConfig, num_layers: int, train_size: int) -> None:

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bnopt.config_history import KEYS_ADDED_LATER  # noqa: E402
-from bnopt.results import Run, aggregate, select, unfinished_note  # noqa: E402
+from bnopt.results import Run, aggregate, mixed_settings, select, unfinished_note  # noqa: E402
 
 COLORS = {"none": "0.35", "batchnorm": "C0", "noisy_batchnorm": "C1", "lp1": "C2", "lp2": "C3", "lpinf": "C4",
           "noisy_none": "C5"}
@@ -35,18 +35,23 @@ PAPER_LR = {"vgg": 0.1, "dln": 1e-6, "mlp": 0.5}
 
 
 class Missing:
-    """Collects what a figure needed and did not find, and whether it found any run at all."""
+    """Collects what a figure needed and did not find, whether it found any run at all, and the runs it
+    averages over seeds although they are not repeats of one setting (``mixed``)."""
 
     def __init__(self):
         self.items: list[str] = []
+        self.mixed: list[str] = []
         self.found_any = False
 
-    def need(self, runs: list[Run], what: str, **conditions) -> list[Run]:
+    def need(self, runs: list[Run], what: str, over: tuple[str, ...] = ("seed",), **conditions) -> list[Run]:
+        """The runs matching ``conditions``, which the figure aggregates over ``over``."""
         chosen = select(runs, **conditions)
         self.found_any = self.found_any or bool(chosen)
+        keys = ", ".join(f"{key.replace('__', '.')}={value}" for key, value in conditions.items())
         if not chosen:
-            keys = ", ".join(f"{key.replace('__', '.')}={value}" for key, value in conditions.items())
             self.items.append(f"{what} ({keys})")
+        if note := mixed_settings(chosen, over):
+            self.mixed.append(f"{what} ({keys}): {note}")
         return chosen
 
 
@@ -182,9 +187,10 @@ def setting_note(runs: list[Run]) -> str:
     if model == "mlp" and data != "mnist":
         parts.append("paper: MNIST")
     for key, paper_value in PROTOCOL_SETTINGS.items():
-        left = sorted({str(value) for value in (run.get(key) for run in runs) if value not in (None, paper_value)})
-        if left:
-            parts.append(f"{key}={'/'.join(left)}")
+        leaving = [value for value in (run.get(key) for run in runs) if value not in (None, paper_value)]
+        if leaving:
+            some = f" ({len(leaving)} of {len(runs)} runs)" if len(leaving) < len(runs) else ""
+            parts.append(f"{key}={'/'.join(sorted(set(map(str, leaving))))}{some}")
     return "; ".join(parts)
 
 
@@ -201,8 +207,9 @@ def finish(fig, axes, title: str, notes: list[str]) -> None:
     fig.tight_layout()
 
 
-def by_norm(runs: list[Run], missing: Missing, what: str, norms: list[str], **conditions) -> dict[str, list[Run]]:
-    return {n: missing.need(runs, f"{what} {LABELS.get(n, n)}", norm__name=n, **conditions) for n in norms}
+def by_norm(runs: list[Run], missing: Missing, what: str, norms: list[str], over: tuple[str, ...] = ("seed",),
+            **conditions) -> dict[str, list[Run]]:
+    return {n: missing.need(runs, f"{what} {LABELS.get(n, n)}", over, norm__name=n, **conditions) for n in norms}
 
 
 # --- the figures ---------------------------------------------------------------------------------------
@@ -428,11 +435,12 @@ def fig_is1(sets, missing):
 
 
 def fig_lr_sweep(sets, missing):
-    models = list(sets)  # a column for each model that has sweep runs
+    models = [m for m, runs in sets.items() if runs]  # a column for each model that has sweep runs
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
     for j, model in enumerate(models):
         classification = any("train/acc" in run.summary.get("final", {}) for run in sets[model])
-        for norm, runs in by_norm(sets[model], missing, f"{model.upper()} lr sweep", ["batchnorm", "none"]).items():
+        sweeps = by_norm(sets[model], missing, f"{model.upper()} lr sweep", ["batchnorm", "none"], ("seed", "optim.lr"))
+        for norm, runs in sweeps.items():
             if not runs:
                 continue
             rows = []
@@ -535,6 +543,11 @@ def draw(key: str, runs: list[Run], out_dir: Path, warn=print) -> list[Path]:
             continue
         if missing.items:
             warn(f"fig {key} [{label}]: missing {'; '.join(missing.items)}")
+        if missing.mixed:
+            mixed = f"averaged as seeds, although {'; '.join(missing.mixed)}"
+            warn(f"fig {key} [{label}]: {mixed}")
+            for figure in figures:  # said on the image too, which travels without the warning
+                figure.text(0.5, 0.002, mixed, ha="center", va="bottom", fontsize=7, color="C3", wrap=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         for i, figure in enumerate(figures):
             suffix = "" if len(figures) == 1 else "_" + "ab"[i]

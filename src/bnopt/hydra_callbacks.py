@@ -19,13 +19,20 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
 from bnopt.rundir import FINISHED, OutputDirError, RunDirectory
 from bnopt.sweeps import announce_index
 from bnopt.train import identity_differences
 
 
-def _require_writable(directory: str, key: str) -> None:
+def _require_writable(config: DictConfig, key: str) -> None:
+    try:
+        directory = OmegaConf.select(config, key, throw_on_missing=True)
+    except OmegaConfBaseException as err:  # made of values (name=${typo}) that do not resolve
+        print(f"error: {key} cannot be resolved ({type(err).__name__}: {str(err).splitlines()[0]}); check the "
+              "values it is made of", file=sys.stderr)
+        sys.exit(2)
     try:
         RunDirectory(Path(directory)).ensure_writable()
     except OutputDirError as err:
@@ -35,10 +42,10 @@ def _require_writable(directory: str, key: str) -> None:
 
 class OutputDirCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        _require_writable(config.hydra.run.dir, "hydra.run.dir")
+        _require_writable(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        _require_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+        _require_writable(config, "hydra.sweep.dir")
 
 
 class SweepIndex(Callback):

@@ -175,6 +175,9 @@ class NoisyNorm(nn.Module):
             key = derived_seed(self.seed, "eval noise", self.layer_key, self.step, passes)
         return self._generators[device].manual_seed(key)
 
+    # Left to eager under torch.compile: a generator cannot be traced, and the step the draws depend on would
+    # recompile the graph at every step, until Dynamo's limit drops the whole model back to eager.
+    @torch.compiler.disable
     def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The multiplicative and additive noise (s, m) for an activation of ``shape``: this step's in
         training mode, the next evaluation pass's in eval mode."""

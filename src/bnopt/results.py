@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.rundir import FINISHED, METRICS_HEADER
+from bnopt.sweeps import trainer_gone
 
 Warn = Callable[[str], None]
 
@@ -80,7 +82,9 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", "unknown")
+        """The summary's; ``killed`` for one that says ``running`` whose process on this machine is gone."""
+        status = self.summary.get("status", "unknown")
+        return "killed" if status == "running" and trainer_gone(self.path) else status
 
     def series(self, name: str, layer: int | None = None) -> pd.Series:
         """One metric over steps (indexed by step), optionally for one layer."""
@@ -138,7 +142,9 @@ def load_runs(patterns: Iterable[str | Path], warn: Warn = print) -> list[Run]:
     named through ``warn`` (a mistyped ``--runs`` path would otherwise just draw empty figures)."""
     directories: set[Path] = set()
     for pattern in patterns:
-        roots = [Path(root) for root in glob.glob(str(pattern), recursive=True)]
+        # a path as written where it exists ("results [v2]" is no glob pattern), else its matches
+        matches = [Path(pattern)] if Path(pattern).exists() else glob.glob(str(pattern), recursive=True)
+        roots = [Path(root) for root in matches]
         found = set().union(*map(find_run_dirs, roots))
         if not found:
             warn(f"{pattern}: {'no runs at or below it' if roots else 'no such file or directory'}")
@@ -165,6 +171,27 @@ def varying_keys(runs: list[Run], ignore: Iterable[str] = IGNORED) -> list[str]:
     keys = set().union(*flats) if flats else set()
     ignored = tuple(ignore)
     return sorted(k for k in keys if not k.startswith(ignored) and len({_key(f.get(k)) for f in flats}) > 1)
+
+
+# Keys in which the runs averaged as seeds of one setting may differ: they do not change what is trained
+# (the probes are observations; logging and evaluation steps only decide which steps have values).
+NOT_TRAINING = (*IGNORED, "probes", "train.log_every", "train.eval_every")
+
+
+def mixed_settings(runs: list[Run], over: Iterable[str] = ("seed",)) -> str:
+    """Why ``runs``, which a mean (min-max) over them takes for repeats of one setting that differ only in
+    ``over`` (the seed), are not: the config keys whose values differ among them, apart from ``over`` and
+    what does not change the training; and a value of ``over`` held by more than one run (a run copied, or
+    one setting trained twice, counted twice). "" when there is nothing to say."""
+    over = list(over)
+    differ = varying_keys(runs, (*NOT_TRAINING, *over))
+    counts = Counter(tuple(_key(r.get(k)) for k in over) for r in runs)
+    repeated = [values for values, n in counts.items() if n > 1]
+    parts = [f"differ in {', '.join(differ)}"] if differ else []
+    if repeated:
+        shown = ", ".join("/".join(map(str, values)) for values in repeated[:3]) + (" ..." if len(repeated) > 3 else "")
+        parts.append(f"hold {'/'.join(over)} {shown} more than once")
+    return f"its {len(runs)} runs {' and '.join(parts)}" if parts else ""
 
 
 def _key(value):
@@ -198,14 +225,14 @@ def completed(runs: list[Run]) -> list[Run]:
     return [r for r in runs if r.status == "completed"]
 
 
-def unfinished_note(runs: list[Run]) -> str:
-    """A sentence naming the runs that neither completed nor diverged (left out of final values), or ""."""
+def unfinished_note(runs: list[Run], of: str = "the final values") -> str:
+    """A sentence naming the runs that neither completed nor diverged (left out ``of`` what is shown), or ""."""
     left_out = [r for r in runs if r.status not in FINISHED]
     if not left_out:
         return ""
     statuses = ", ".join(f"{status} {sum(r.status == status for r in left_out)}"
                          for status in sorted({r.status for r in left_out}))
-    return (f"{len(left_out)} run(s) not finished ({statuses}) are left out of the final values: "
+    return (f"{len(left_out)} run(s) not finished ({statuses}) are left out of {of}: "
             + ", ".join(str(r.path) for r in left_out[:5]) + (" ..." if len(left_out) > 5 else ""))
 
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -25,6 +24,8 @@ from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from bnopt.sweeps import lock_holder
 
 try:
     import fcntl
@@ -182,7 +183,7 @@ class RunDirectory:
                       "training this run at the same time", file=sys.stderr)
             else:
                 handle.truncate(0)
-                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                handle.write(lock_holder() + "\n")
                 handle.flush()
             yield
 

@@ -12,10 +12,14 @@ import csv
 import fcntl
 import json
 import os
+import socket
 import sys
+import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
+from typing import IO
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -45,28 +49,63 @@ def job_threads(threads: int | None, launcher: DictConfig | None, cores: int | N
     return None
 
 
+def gpu_lock_dir() -> Path:
+    """Where jobs on this machine lock the GPUs they run on: one directory per machine and user, so that
+    the jobs of two sweeps started side by side see each other's locks, and jobs on other nodes (a sweep
+    directory on a shared file system) do not wait for these."""
+    return Path(tempfile.gettempdir()) / f"bnopt-gpu-locks-{os.getuid()}"
+
+
+def visible_gpu_names(count: int) -> list[str]:
+    """A name for each of the ``count`` GPUs this process sees that is the same in every process on the
+    machine: its entry in CUDA_VISIBLE_DEVICES (an index or a UUID) where that is set, else its index."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    entries = [entry.strip() for entry in visible.split(",")] if visible.strip() else []
+    return [entries[k] if k < len(entries) else str(k) for k in range(count)]
+
+
 @contextlib.contextmanager
-def gpu_slot(lock_dir: Path, gpus: int, wait_s: float = 0.5):
-    """Hold one of ``gpus`` GPU slots for the duration of a job: an exclusive lock on
-    ``lock_dir/gpu<k>.lock``, the first that is free (waiting while all are taken). Jobs of a local parallel
-    sweep on a multi-GPU machine thus run on distinct GPUs, however the worker pool schedules them. The lock
-    goes with the process, so a killed job frees its GPU."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        for k in range(gpus):
-            handle = open(lock_dir / f"gpu{k}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            try:
-                yield k
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-            return
-        time.sleep(wait_s)
+def gpu_slot(lock_dir: Path, gpus: list[str], fallback: int, wait_s: float = 0.5):
+    """Hold one of the GPUs named ``gpus`` (:func:`visible_gpu_names`) for the duration of a job: an
+    exclusive lock on ``lock_dir/gpu<name>.lock``, the first that is free (waiting while all are taken);
+    yields its index among ``gpus``. Jobs of a local parallel sweep on a multi-GPU machine thus run on
+    distinct GPUs, however the worker pool schedules them. The lock goes with the process, so a killed job
+    frees its GPU. Where locks cannot be taken (a file system without them), GPU ``fallback`` (the job
+    number modulo the GPUs), with a warning."""
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        while (slot := _free_slot(lock_dir, gpus)) is None:
+            time.sleep(wait_s)
+    except OSError as err:
+        slot, unlockable = None, err
+    if slot is None:
+        warnings.warn(f"cannot lock a GPU for this job ({unlockable}); it runs on cuda:{fallback}, which other "
+                      "jobs may share")
+        yield fallback
+        return
+    k, handle = slot
+    try:
+        yield k
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _free_slot(lock_dir: Path, gpus: list[str]) -> tuple[int, IO] | None:
+    """The first of ``gpus`` whose lock this process takes, with the lock file's handle; None while every
+    one is held. Raises OSError where locks cannot be taken."""
+    for k, name in enumerate(gpus):
+        handle = open(lock_dir / f"gpu{name}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        except OSError:
+            handle.close()
+            raise
+        return k, handle
+    return None
 
 
 def limit_threads(threads: int) -> None:
@@ -107,6 +146,42 @@ def _config(path: Path) -> dict:
     return {key: value for key, value in config.items() if key not in ("threads", "device")}
 
 
+def lock_holder() -> str:
+    """What a process that trains a run writes in its ``.lock``: which process, on which machine."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def trainer_gone(run_dir: Path) -> bool:
+    """Whether the process that ``run_dir``'s ``.lock`` names (the one that trains, or last trained, the
+    run) has ended, as far as this machine can tell: its own processes only. A run whose summary still says
+    ``running`` then was killed without a word (SIGKILL, a node lost, out of memory)."""
+    try:
+        words = (run_dir / ".lock").read_text().split()
+    except OSError:
+        return False
+    if len(words) != 4 or words[0] != "pid" or words[2] != "on" or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # alive under another user, or not a pid
+        return False
+    return False
+
+
+def last_logged_step(run_dir: Path) -> int | str:
+    """The step of the last complete row of ``run_dir``'s metrics.csv ("" if none): how far a run got
+    whose summary, written as it starts, still gives the step it started from."""
+    try:
+        lines = (run_dir / "metrics.csv").read_text().splitlines(keepends=True)
+    except OSError:
+        return ""
+    complete = [line for line in lines[1:] if line.endswith("\n")]
+    step = complete[-1].split(",", 1)[0] if complete else ""
+    return int(step) if step.isdigit() else ""
+
+
 def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
     rows = []
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -128,6 +203,11 @@ def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
         else:
             row.update(status=summary.get("status", "unknown"), steps=summary.get("steps", ""),
                        wall_time_s=summary.get("wall_time_s", ""), error=summary.get("error") or "")
+            if row["status"] == "running":
+                row["steps"] = last_logged_step(run_dir)
+                if trainer_gone(run_dir):
+                    row.update(status="killed", error="its process ended without a word (the summary says "
+                               "running); the same command resumes it from its last checkpoint")
             row.update({m: summary.get("final", {}).get(m, "") for m in FINAL_METRICS})
         rows.append(row)
     return sorted(rows, key=lambda r: (int(r["job"]) if str(r["job"]).isdigit() else 10**9, r["dir"]))

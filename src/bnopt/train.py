@@ -82,7 +82,10 @@ def process_settings(threads: int | None, tf32: bool):
         torch.set_num_threads(threads)
     try:
         with float32_settings_restored():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+            # Through the precision, as the probes put it back after each measurement: set through the
+            # legacy flag, a TF32 run's CPU matmul setting changed at its first probe ("high" covers both).
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = tf32
             yield
     finally:
         torch.set_num_threads(saved_threads)
@@ -124,7 +127,10 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     run.write_config(cfg)
     metrics = MetricsWriter(run.metrics, keep_before_step=None if checkpoint is None else start)
     log = metrics.log
-    probes = build_probes(resolved["probes"], model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log, seed=cfg.seed)
+    # The training pass's gradient serves the probes where it was computed as theirs are (GradientProbe).
+    same_numerics = device.type == "cpu" and not cfg.train.tf32 and not cfg.train.compile
+    probes = build_probes(resolved.get("probes"), model=model, loss_fn=data.loss_fn, optimizer=optimizer, log=log,
+                          seed=cfg.seed, reuse_training_gradient=same_numerics)
     if checkpoint is not None:
         restore_state(checkpoint, model, optimizer, schedule, batches, device, run.checkpoint)
         for probe in probes:
@@ -153,16 +159,20 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     logger.info("%s: %s from step %d of %d on %s", run.path, "resuming" if checkpoint else "training", start,
                 cfg.train.steps, summary["device"])
 
+    checkpointed = None if checkpoint is None else start  # the step a re-run would continue from
+
     def save_checkpoint(step: int, status: str) -> None:
+        nonlocal checkpointed
         for probe in probes:
             probe.save(run.path)
-        state = checkpoint_state(step, status, resolved, model, optimizer, schedule, batches,
+        state = checkpoint_state(step, status, resolved, model, optimizer, schedule, batches, device,
                                  summary["wall_time_s"] + time.perf_counter() - t0)
         # what the summary must say if the run is found finished, or resumed: how much of the record came
         # before this step, which code ran it, since when
         state.update(metrics_rows=metrics.rows, git_commits=summary["git_commits"], started=summary["started"])
         metrics.sync()
         run.save_checkpoint(state)
+        checkpointed = step
 
     # Plain values for the hot loop: reading an interpolated config value parses it every time.
     log_every, eval_every = cfg.train.log_every, cfg.train.eval_every
@@ -240,8 +250,19 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         )
         run.write_summary(summary)
         finals = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
-        logger.info("%s: %s at step %d%s", run.path, summary["status"], step, f"; {finals}" if finals else "")
+        logger.info("%s: %s at step %d%s%s", run.path, summary["status"], step, f"; {finals}" if finals else "",
+                    resume_point(step, checkpointed))
     return summary
+
+
+def resume_point(step: int, checkpointed: int | None) -> str:
+    """What a run stopped without a checkpoint at its last step (a second Ctrl-C, an error) continues from
+    when the command is run again: its summary says how far it got, which is not where it resumes."""
+    if checkpointed == step:
+        return ""
+    if checkpointed is None:
+        return "; it has no checkpoint yet: the same command starts it again from step 0"
+    return f"; the same command continues it from step {checkpointed}, its last checkpoint"
 
 
 def log_train(step, loss, outputs, targets, data: TensorData, log, bar) -> None:
@@ -278,7 +299,7 @@ def evaluate(model, data: TensorData, batch_size: int, step: int, log) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------
 
 
-def checkpoint_state(step, status, resolved, model, optimizer, schedule, batches, wall_time_s) -> dict:
+def checkpoint_state(step, status, resolved, model, optimizer, schedule, batches, device, wall_time_s) -> dict:
     np_state = np.random.get_state()
     return {
         "step": step,
@@ -291,7 +312,9 @@ def checkpoint_state(step, status, resolved, model, optimizer, schedule, batches
         "batches": batches.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # The run's GPU only: reading every GPU's would start a CUDA context on each, from every job of
+            # a sweep (a CPU run too), and could not be restored where fewer GPUs are visible.
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate(),
         },
@@ -351,7 +374,7 @@ def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> No
     if expected is not None and kept != expected:
         raise ResumeError(f"{run.metrics} holds {kept} well-formed rows before step {step}, where the run had "
                           f"written {expected} by its checkpoint: {lost}")
-    activations = (resolved["probes"] or {}).get("activations")
+    activations = (resolved.get("probes") or {}).get("activations")
     if activations:
         path = run.path / ActivationProbe.FILE
         expected = ActivationProbe.histograms_before(activations, step)
@@ -433,8 +456,12 @@ def restore_state(state, model, optimizer, schedule, batches, device, source: Pa
         raise ResumeError(f"{source}: {err}. Resume it there, or choose another output directory") from None
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    cuda = rng["cuda"]
+    if device.type == "cuda" and isinstance(cuda, list):  # checkpoints before 2026-12-01: every visible GPU's
+        index = torch.cuda.current_device() if device.index is None else device.index
+        cuda = cuda[index] if index < len(cuda) else None
+    if device.type == "cuda" and isinstance(cuda, torch.Tensor):  # a CPU run's, or a CPU checkpoint: none
+        torch.cuda.set_rng_state(cuda, device)
     name, keys, *rest = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = rng["python"]

@@ -51,12 +51,20 @@ class Probe:
 
 
 class GradientProbe(Probe):
-    """A probe that reads the training pass's gradient from ``.grad``: its passes replay the random state
-    that pass started from, so that anything drawn from torch's generator (dropout) draws what it drew."""
+    """A probe that measures the step's gradient: its passes replay the random state the training pass
+    started from, so that anything drawn from torch's generator (dropout) draws what it drew.
 
-    def __init__(self, model: nn.Module, every: int):
+    ``reuse_training_gradient``: read the gradient at W(t) from the ``.grad`` that pass left, rather than
+    compute it again. Only where that pass computed as the probe's own passes do (on a CPU in full fp32,
+    eager): the gradients it is compared with are computed in full fp32, eagerly and with cuDNN's
+    deterministic algorithms, and a gradient from TF32 products (relative error ~1e-3), a compiled graph or
+    cuDNN's default algorithms would put the difference of two numerics into ``ics/l2`` and
+    ``landscape/grad_diff`` (at the DLN's smallest step size, of the size of the measurement itself)."""
+
+    def __init__(self, model: nn.Module, every: int, reuse_training_gradient: bool = True):
         super().__init__(every)
         self.model = model
+        self.reuse_training_gradient = reuse_training_gradient
         self.forward_state: RandomState | None = None
 
     def before_forward(self, step):
@@ -68,14 +76,15 @@ class ICSProbe(GradientProbe):
 
     name = "ics"
 
-    def __init__(self, model: ChainModel, loss_fn, optimizer, log: Log, layers: Sequence[int], every: int):
-        super().__init__(model, every)
+    def __init__(self, model: ChainModel, loss_fn, optimizer, log: Log, layers: Sequence[int], every: int,
+                 reuse_training_gradient: bool = True):
+        super().__init__(model, every, reuse_training_gradient)
         self.loss_fn, self.optimizer, self.log = loss_fn, optimizer, log
         self.layers = list(layers)
 
     def after_backward(self, step, batch):
         results = measure_ics(self.model, self.loss_fn, batch, self.optimizer, self.model.layer_params(),
-                              which=[k - 1 for k in self.layers], use_grad_fields=True,
+                              which=[k - 1 for k in self.layers], use_grad_fields=self.reuse_training_gradient,
                               rng_state=self.forward_state)
         for r in results:
             self.log(step, "ics/l2", r["l2"], layer=r["layer"] + 1)
@@ -90,8 +99,8 @@ class LandscapeProbe(GradientProbe):
     name = "landscape"
 
     def __init__(self, model: nn.Module, loss_fn, log: Log, etas: Sequence[float], every: int,
-                 direction: str, seed: int, batched: bool | str = "auto"):
-        super().__init__(model, every)
+                 direction: str, seed: int, batched: bool | str = "auto", reuse_training_gradient: bool = True):
+        super().__init__(model, every, reuse_training_gradient)
         if direction not in ("gradient", "random"):
             raise ValueError(f"landscape direction must be 'gradient' or 'random'; got {direction!r}")
         self.loss_fn, self.log = loss_fn, log
@@ -109,7 +118,8 @@ class LandscapeProbe(GradientProbe):
     def after_backward(self, step, batch):
         direction = self.random_direction(step) if self.direction == "random" else None
         result = probe_landscape(self.model, self.loss_fn, batch, self.etas, direction,
-                                 use_grad_fields=True, batched=self.batched, rng_state=self.forward_state)
+                                 use_grad_fields=self.reuse_training_gradient, batched=self.batched,
+                                 rng_state=self.forward_state)
         for eta, loss, diff in zip(result["eta"], result["loss"], result["grad_diff"]):
             self.log(step, "landscape/loss", loss, eta=eta)
             self.log(step, "landscape/grad_diff", diff, eta=eta)
@@ -151,15 +161,18 @@ class ActivationProbe(Probe):
 PROBES = {cls.name: cls for cls in (ICSProbe, LandscapeProbe, ActivationProbe)}
 
 
-def build_probes(settings: dict | None, *, model: ChainModel, loss_fn, optimizer, log: Log, seed: int) -> list[Probe]:
-    """The probes selected in ``settings`` (the resolved ``probes`` config: name -> settings)."""
+def build_probes(settings: dict | None, *, model: ChainModel, loss_fn, optimizer, log: Log, seed: int,
+                 reuse_training_gradient: bool = True) -> list[Probe]:
+    """The probes selected in ``settings`` (the resolved ``probes`` config: name -> settings);
+    ``reuse_training_gradient``: see :class:`GradientProbe`."""
     probes: list[Probe] = []
+    reuse = reuse_training_gradient
     for name, pc in (settings or {}).items():
         if name == "ics":
-            probes.append(ICSProbe(model, loss_fn, optimizer, log, pc["layers"], pc["every"]))
+            probes.append(ICSProbe(model, loss_fn, optimizer, log, pc["layers"], pc["every"], reuse))
         elif name == "landscape":
             probes.append(LandscapeProbe(model, loss_fn, log, pc["etas"], pc["every"], pc["direction"], seed,
-                                         pc["batched"]))
+                                         pc["batched"], reuse))
         elif name == "activations":
             probes.append(ActivationProbe(model, log, pc["layers"], pc["every"], seed, pc["quantiles"], pc["bins"]))
         else:
