@@ -19,7 +19,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt.figures import LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_sets  # noqa: E402
-from bnopt.results import (Run, committed_result_dirs, completed, load_runs, mixed_settings, select,  # noqa: E402
+from bnopt.results import (Run, committed_result_dirs, completed, load_runs, select, select_repeats,  # noqa: E402
                            unfinished_note)
 from bnopt.rundir import FINISHED  # noqa: E402
 
@@ -64,8 +64,8 @@ def with_note(*notes: str) -> str:
 def pick(runs: list[Run], notes: list[str], what: str, over: tuple[str, ...] = ("seed",), **conditions) -> list[Run]:
     """``select(runs, **conditions)``, the runs a row summarises over ``over``; a note in ``notes`` where they
     are not repeats of one setting (other settings mixed in, a run counted twice)."""
-    chosen = select(runs, **conditions)
-    if mixed := mixed_settings(chosen, over):
+    chosen, mixed = select_repeats(runs, over, **conditions)
+    if mixed:
         notes.append(f"{what}: summarised over {'/'.join(over)}, although {mixed}.")
     return chosen
 
@@ -101,12 +101,14 @@ def vgg_training(runs: list[Run]) -> str:
             shown += chosen
             trained = completed(chosen)
             reached = [steps_to(r, "train/acc", 0.9) for r in chosen]
-            not_reached = sum(step is None for step in reached)
-            if not_reached == len(chosen):
-                steps_cell = "not reached"
+            # A run still training (or stopped part-way) that has not reached 90% yet may still: not counted.
+            ended = [step for r, step in zip(chosen, reached) if r.status in FINISHED]
+            never = ended.count(None)
+            if all(step is None for step in reached):
+                steps_cell = "not reached" if never else "not reached yet"
             else:
-                steps_cell = seeds(reached, "{:.0f}") + (f" (not reached by {not_reached} of {len(chosen)} runs)"
-                                                         if not_reached else "")
+                steps_cell = seeds(reached, "{:.0f}") + (
+                    f" (not reached by {never} of {len(ended)} finished runs)" if never else "")
             rows.append([LABELS[norm], f"{lr:g}", steps_cell,
                          seeds([final(r, "train/acc") for r in trained]), seeds([final(r, "test/acc") for r in trained]),
                          ", ".join(sorted({r.status for r in chosen}))])
@@ -210,6 +212,9 @@ def dln_losses(runs: list[Run]) -> str:
                 rows.append([LABELS[norm], seeds([final(r, "train/loss") for r in completed(chosen)]),
                              seeds([first(r, "train/loss") for r in chosen]),
                              ", ".join(sorted({r.status for r in chosen}))])
+        if not shown:
+            out.append(f"**DLN final training loss** ({name}): no runs at lr 1e-6.")
+            continue
         steps = "/".join(f"{n:,}" for n in sorted({r.get("train.steps") for r in shown}))
         out.append(f"**DLN final training loss** ({name}, lr 1e-6, {steps} steps; mean (min–max) over seeds):\n\n"
                    + table(["variant", "final loss (completed runs)", "initial loss", "status"], rows)

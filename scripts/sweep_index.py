@@ -31,10 +31,11 @@ def main() -> int:
             print(f"{directory}: a run's directory, not a sweep's (which holds one per job); not indexed",
                   file=sys.stderr)
             continue
-        index = write_index(directory, warn=lambda m: print(m, file=sys.stderr)).read_text()
-        if len(index.splitlines()) == 1:
-            print(f"{directory}: no job directories in it (is it a sweep's?)", file=sys.stderr)
-        print(index, end="")
+        index = write_index(directory, warn=lambda m: print(m, file=sys.stderr))
+        if index is None:
+            print(f"{directory}: no job directories in it (is it a sweep's?); not indexed", file=sys.stderr)
+            continue
+        print(index.read_text(), end="")
     return 0 if all_found else 1  # the others are indexed all the same
 
 

@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from bnopt.config import check_added_keys
 from bnopt.synthetic import write_cifar10, write_mnist
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,14 @@ def compose_config(*overrides: str) -> DictConfig:
     """The config ``python train.py <overrides>`` would get."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def check_added_keys_as_train_does(*overrides: str) -> None:
+    """``check_added_keys`` on the config of ``python train.py <overrides>``, with the config groups Hydra
+    reports for that command, as the entry point passes them."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        groups = list(compose("train", overrides=list(overrides), return_hydra_config=True).hydra.runtime.choices)
+    check_added_keys(compose_config(*overrides), overrides, groups)
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

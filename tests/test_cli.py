@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from bnopt.cli import SLURM_LAUNCHER, sweep_stopped_by_ctrl_c
-from bnopt.config import ConfigError, check_added_keys, check_against_run, check_config
+from bnopt.config import ONE_CONFIG_GROUPS, ConfigError, check_against_run, check_config, check_one_config_per_group
 from bnopt.hydra_callbacks import SweepIndex
 from bnopt.synthetic import write_mnist
-from conftest import REPO, compose_config, read_rows, run_cli, train_run
+from conftest import REPO, check_added_keys_as_train_does, compose_config, read_rows, run_cli, train_run
 from test_sweeps import read_index
 
 # --- bad input, in-process ---------------------------------------------------------------------------
@@ -164,9 +164,6 @@ def test_values_next_to_the_refused_ones_pass(overrides):
     check_config(compose_config(*overrides))
 
 
-GROUPS = ("experiment", "model", "data", "norm", "optim", "probes", "scale", "hydra/launcher")
-
-
 @pytest.mark.parametrize("overrides, hint", [
     (["+optim.lrr=0.1"], "did you mean optim.lr?"),  # what Hydra suggests when optim.lrr=0.1 is refused
     (["+lr=0.1"], "did you mean model.paper.lr or optim.lr?"),
@@ -179,15 +176,41 @@ def test_a_setting_added_with_plus_that_nothing_reads_is_refused(overrides, hint
     """Hydra adds with `+` only keys the config lacks, and nothing reads those: the run would train with
     the value ignored, its config.yaml saying otherwise."""
     with pytest.raises(ConfigError) as err:
-        check_added_keys(compose_config(*overrides), overrides, GROUPS)
+        check_added_keys_as_train_does(*overrides)
     assert err.value.key == overrides[-1][1:].split("=")[0]
     assert "no such setting (a '+' adds a key that nothing reads, so it would be ignored); " + hint in str(err.value)
 
 
 def test_a_plus_that_adds_a_group_a_hydra_setting_or_a_probe_setting_passes():
-    overrides = ["+experiment=dln_bn", "+hydra.callbacks.unfinished_jobs.record=x", "+probes.ics.every=3",
+    overrides = ["+experiment=dln_bn", "+hydra.callbacks.unfinished_jobs.record=x", "+probes.ics.evry=3",
                  "optim.lr=0.1", "++optim.momentum=0.5", "~optim.milestones"]
-    check_added_keys(compose_config("+experiment=dln_bn"), overrides, GROUPS)  # probes: check_config's to refuse
+    check_added_keys_as_train_does(*overrides)  # probes: check_config's to refuse
+
+
+@pytest.mark.parametrize("overrides, sweep", [
+    (["norm=[batchnorm,none]"], "-m norm=batchnorm,none"),
+    (["+experiment=[dln_bn,fig9]"], "-m +experiment=dln_bn,fig9"),
+    (["model=[vgg,mlp]", "data=mnist"], "-m model=vgg,mlp"),
+])
+def test_a_list_of_configs_for_a_group_that_takes_one_is_refused(overrides, sweep):
+    """Hydra merges a list of configs into one run of neither (norm none with BatchNorm's eps; an MLP with
+    VGG's depth, which nothing reads), where a sweep over them was meant; probes=[...] is the list it means."""
+    with pytest.raises(ConfigError) as err:
+        check_one_config_per_group(overrides)
+    assert err.value.key == overrides[0].lstrip("+").split("=")[0]
+    assert str(err.value).endswith(f"one config per run (a list merges them into one run of neither); for a run "
+                                   f"of each, a sweep: {sweep}")
+    check_one_config_per_group(["probes=[ics,landscape]", "norm=[none]", "norm=batchnorm,none", "model.hidden=[3,4]"])
+
+
+def test_the_groups_that_take_one_config_are_the_config_directories_but_probes():
+    groups = {p.name for p in (REPO / "configs").iterdir() if p.is_dir()} - {"probes", "hydra"}
+    assert set(ONE_CONFIG_GROUPS) == groups
+
+
+def test_a_list_of_configs_is_refused_before_anything_runs(tmp_path):
+    assert_one_line_error(run_cli("+experiment=[dln_bn,fig9]", "scale=smoke", f"hydra.run.dir={tmp_path}"),
+                          "experiment='[dln_bn,fig9]' is not allowed")
 
 
 def test_the_deep_linear_network_trains_on_its_whole_data_set_whatever_its_size():
@@ -470,14 +493,17 @@ def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_pa
 def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
     import errno
 
-    from bnopt import rundir
+    from bnopt import runlock
 
     def no_locks(handle, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    (tmp_path / ".lock").write_text("pid 1 on another-run-s-node\n")  # a run killed earlier
     assert train_run(tmp_path, "+experiment=dln_bn", "scale=smoke")["status"] == "completed"
     assert f"cannot lock {tmp_path / '.lock'} (No locks available)" in capsys.readouterr().err
+    # This process's line, not the dead one's: the run would read as killed while this process trained it.
+    assert (tmp_path / ".lock").read_text() == runlock.holder_line() + "\n"
 
 
 @pytest.mark.parametrize("in_sweep", [False, True], ids=["single run", "sweep job"])

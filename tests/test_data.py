@@ -16,6 +16,7 @@ from bnopt.data import (
 )
 from bnopt.seeding import derived_seed
 from bnopt.synthetic import labelled_images, write_cifar10, write_idx, write_mnist
+from conftest import check_added_keys_as_train_does, compose_config
 
 
 def data_cfg(name, root, **extra):
@@ -160,6 +161,17 @@ def test_mnist_format_in_torchvision_layout_and_in_search_paths(tmp_path):
     elsewhere = write_mnist(tmp_path / "system", n_train=40, n_test=20)
     loaded = load_mnist_format("fashion_mnist", tmp_path / "empty", download=False, search_paths=[str(elsewhere)])
     assert loaded["train_x"].shape[0] == 40
+
+
+def test_both_mnist_format_data_sets_take_search_paths_on_the_command_line(tmp_path):
+    """data.search_paths is a setting of MNIST too (a cluster's shared copy): a plain override, which
+    Hydra refused for a key mnist.yaml lacked, and which the added-key check refused with a '+'."""
+    shared = write_mnist(tmp_path / "shared", n_train=40, n_test=20)
+    for name in ("mnist", "fashion_mnist"):
+        overrides = ("model=mlp", f"data={name}", f"data.root={tmp_path}/empty", "data.download=false",
+                     f"data.search_paths=[{shared}]")
+        check_added_keys_as_train_does(*overrides)
+        assert load_data(compose_config(*overrides).data, seed=0).train_x.shape[0] == 40
 
 
 def test_missing_mnist_names_the_data_set_the_directories_and_the_fix(tmp_path):

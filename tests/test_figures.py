@@ -362,7 +362,8 @@ def test_runs_of_mixed_settings_are_named_where_they_are_averaged_as_seeds(all_r
 def test_the_report_reads_runs_just_started_or_stopped_partway(tmp_path):
     """A run killed as it started has no rows yet (report.py failed on it with an IndexError); a median over
     training from a run stopped partway is over another span (it went into the ICS and landscape tables
-    unnamed); a seed that never reached 90% dropped out of "steps to 90%" without a word."""
+    unnamed); a seed that never reached 90% dropped out of "steps to 90%" without a word, and one still
+    training is not yet one that never reaches it. A set without the DLN's lr 1e-6 says so in its table."""
     for seed in (0, 1, 2):
         fake_run(tmp_path, "dln", "batchnorm", 1e-6, seed=seed, steps=100)
         fake_run(tmp_path, "vgg", "batchnorm", 0.1, seed=seed, steps=100)
@@ -376,6 +377,8 @@ def test_the_report_reads_runs_just_started_or_stopped_partway(tmp_path):
         metrics = read_metrics(run_dir / "metrics.csv")
         metrics.loc[metrics.name == "train/acc", "value"] = accuracy
         metrics.to_csv(run_dir / "metrics.csv", index=False)
+    still_training = next(tmp_path.glob("vgg-batchnorm-*-2-fig"))
+    (still_training / "summary.json").write_text(json.dumps({"status": "running", "steps": 100}))
     runs = load_runs([tmp_path])
     report = report_module()
     dln = report.dln_losses(runs)
@@ -387,12 +390,19 @@ def test_the_report_reads_runs_just_started_or_stopped_partway(tmp_path):
     assert ("2 run(s) not finished (interrupted 1, running 1) are left out of BatchNorm, lr 1e-06's medians"
             in ics)
     assert "are left out of BatchNorm's medians" in report.landscape(runs)
-    assert "| BatchNorm | 0.1 | 40 (not reached by 2 of 3 runs) |" in report.vgg_training(runs)
+    assert "| BatchNorm | 0.1 | 40 (not reached by 1 of 2 finished runs) |" in report.vgg_training(runs)
+    only_still_training = [r for r in runs if r.path == still_training]
+    assert "| BatchNorm | 0.1 | not reached yet |" in report.vgg_training(only_still_training)
+    other_lr = fake_run(tmp_path / "other", "dln", "batchnorm", 1e-7, seed=0, steps=100)
+    assert report.dln_losses(load_runs([other_lr.parent])) == (
+        "**DLN final training loss** (cpu-gaussian_regression): no runs at lr 1e-6.")
 
 
 def test_the_learning_rate_figure_of_one_model_has_its_column_alone(results):
     sweep = load_runs([results / "sweeps" / "dln"])
-    fig = fig_lr_sweep({"vgg": [], "dln": sweep, "mlp": []}, Missing())
+    missing = Missing()
+    fig = fig_lr_sweep({"vgg": [], "dln": sweep, "mlp": []}, missing)
+    assert missing.items == ["VGG lr sweep (no runs)", "MLP lr sweep (no runs)"]  # named in the warning
     assert [ax.get_title() for ax in fig.axes] == ["DLN: final training loss (mean, min-max over seeds)",
                                                    "DLN: final training accuracy"]  # empty VGG and MLP columns
     assert " | " not in fig._suptitle.get_text()

@@ -4,8 +4,11 @@ diverging jobs, the sweep index, and an interrupted run that resumes to exactly 
 import contextlib
 import copy
 import csv
+import errno
+import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,15 +68,25 @@ def next_slot(lock_dir, gpus):
 
 def test_jobs_that_see_other_gpus_lock_each_physical_gpu_once(tmp_path, monkeypatch):
     """Two sweeps side by side, one with CUDA_VISIBLE_DEVICES=3,5 and one with 5: GPU 5 is the first's
-    cuda:1 and the second's cuda:0, one lock. The locks are the machine's, not a sweep directory's."""
+    cuda:1 and the second's cuda:0, one lock; two SLURM jobs on one node each see their own GPU as cuda:0,
+    two locks. The locks are the machine's, not a sweep directory's."""
+    from types import SimpleNamespace
+
+    def properties(k):  # the physical GPUs' UUIDs, as this process numbers them
+        visible = os.environ["CUDA_VISIBLE_DEVICES"].split(",")
+        return SimpleNamespace(uuid=f"uuid-of-{visible[k]}")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert visible_gpu_names(2) == ["3", "5"]
+    assert visible_gpu_names(2) == ["GPU-uuid-of-3", "GPU-uuid-of-5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
-    assert visible_gpu_names(1) == ["5"]
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert visible_gpu_names(2) == ["0", "1"]
+    assert visible_gpu_names(1) == ["GPU-uuid-of-5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # another SLURM job's cuda:0
+    assert visible_gpu_names(1) == ["GPU-uuid-of-7"]
     with gpu_slot(tmp_path, ["3", "5"], 0) as a, gpu_slot(tmp_path, ["3", "5"], 0) as b:
         assert (a, b) == (0, 1)
+        with gpu_slot(tmp_path, ["7"], 0) as c:
+            assert c == 0  # without waiting
         waiter = threading.Thread(target=next_slot, args=(tmp_path, ["5"]))
         waiter.start()
         waiter.join(timeout=1.0)
@@ -209,26 +222,55 @@ def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
 
 def test_a_run_killed_without_a_word_is_told_from_one_still_training(tmp_path):
     """A SIGKILL leaves a summary saying ``running`` (written as the run starts, with the step it started
-    from). Its .lock names the process that trained it: where that is gone on this machine, the index and
-    the figures' and report's reading say ``killed``; where it lives, or is another machine's, ``running``.
-    Either way the index gives the last step logged."""
+    from). Its .lock names the process that trained it: where that is on this machine and the lock is free,
+    the index, the figures' and report's reading and a sweep's record of unfinished jobs say ``killed``
+    (however the PID reads: reused, or of another PID namespace); where the lock is held, or the holder is
+    another machine's, ``running``. Either way the index gives the last step logged."""
+    from bnopt.hydra_callbacks import why_not_this_jobs_run
     from bnopt.results import read_run, unfinished_note
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(ended.stdout)
-    for job, holder in (("0", f"pid {dead_pid} on {socket.gethostname()}"), ("1", sweeps.lock_holder()),
-                        ("2", f"pid {dead_pid} on another-node")):
-        train_run(tmp_path / job, "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=20")
-        summary = json.loads((tmp_path / job / "summary.json").read_text())
-        (tmp_path / job / "summary.json").write_text(json.dumps({**summary, "status": "running", "steps": 0}))
-        (tmp_path / job / ".lock").write_text(holder + "\n")
-    rows = {r["dir"]: r for r in index_rows(tmp_path)}
-    assert {job: (r["status"], r["steps"]) for job, r in rows.items()} == {
-        "0": ("killed", 15), "1": ("running", 15), "2": ("running", 15)}
-    assert rows["0"]["error"].startswith("its process ended without a word")
-    runs = [read_run(tmp_path / job) for job in "012"]
-    assert [r.status for r in runs] == ["killed", "running", "running"]
-    assert unfinished_note(runs).startswith("3 run(s) not finished (killed 1, running 2)")
+    dead, alive, here = int(ended.stdout), os.getpid(), socket.gethostname()
+    holders = {"0": (f"pid {dead} on {here}", False), "1": (f"pid {alive} on {here}", True),
+               "2": (f"pid {dead} on another-node", False), "3": (f"pid {alive} on {here}", False),
+               "4": (f"pid {dead} on {here}", True)}
+    train_run(tmp_path / "0", "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=20")
+    config = RunDirectory(tmp_path / "0").read_config()
+    summary = json.loads((tmp_path / "0" / "summary.json").read_text())
+    with contextlib.ExitStack() as trainers:
+        for job, (holder, locked) in holders.items():
+            if job != "0":
+                shutil.copytree(tmp_path / "0", tmp_path / job)
+            (tmp_path / job / "summary.json").write_text(json.dumps({**summary, "status": "running", "steps": 0}))
+            (tmp_path / job / ".lock").write_text(holder + "\n")
+            if locked:  # a trainer holds it, as RunDirectory.claimed does
+                handle = trainers.enter_context(open(tmp_path / job / ".lock"))
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        (tmp_path / "3" / "checkpoint.pt").unlink()
+        rows = {r["dir"]: r for r in index_rows(tmp_path)}
+        assert {job: (r["status"], r["steps"]) for job, r in rows.items()} == {
+            "0": ("killed", 15), "1": ("running", 15), "2": ("running", 15), "3": ("killed", 15), "4": ("running", 15)}
+        assert rows["0"]["error"] == ("its process ended without a word (the summary says running); the same "
+                                      "command resumes it from its last checkpoint")
+        assert rows["3"]["error"].endswith("the same command trains it afresh (it wrote no checkpoint)")
+        runs = [read_run(tmp_path / job) for job in holders]
+        assert [r.status for r in runs] == ["killed", "running", "running", "killed", "running"]
+        assert unfinished_note(runs).startswith("5 run(s) not finished (killed 2, running 3)")
+        why = {job: why_not_this_jobs_run(RunDirectory(tmp_path / job), config) for job in ("0", "1")}
+        assert why == {"0": f"ended killed ({rows['0']['error']})", "1": "another process is training it"}
+
+
+def test_where_locks_cannot_be_tested_a_holder_on_this_machine_is_gone_when_its_pid_is(tmp_path, monkeypatch):
+    from bnopt import runlock
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for pid, gone in ((int(ended.stdout), True), (os.getpid(), False)):
+        (tmp_path / ".lock").write_text(f"pid {pid} on {socket.gethostname()}\n")
+        assert runlock.trainer_gone(tmp_path) is gone
 
 
 def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
@@ -240,7 +282,8 @@ def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "empty")],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and "no job directories in it" in result.stderr
+    assert result.returncode == 0 and "no job directories in it (is it a sweep's?); not indexed" in result.stderr
+    assert list((tmp_path / "empty").iterdir()) == []  # no index of nothing
 
 
 def test_the_index_orders_jobs_by_number_and_leaves_out_directories_of_no_job(tmp_path):

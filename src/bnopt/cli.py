@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from bnopt.config import ConfigError, check_added_keys, check_threads
+from bnopt.config import ConfigError, check_added_keys, check_one_config_per_group, check_threads
 from bnopt.data import DatasetNotFoundError, DatasetUnreadableError
 from bnopt.hydra_callbacks import SweepIndex
 from bnopt.rundir import FINISHED, OutputDirError, RunBusyError, RunDirectory
@@ -50,6 +50,7 @@ def main(cfg: DictConfig) -> dict | None:
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
     job = {"num": hydra_cfg.job.num if in_sweep else None, "overrides": overrides}
     try:
+        check_one_config_per_group(overrides)
         check_added_keys(cfg, overrides, groups=hydra_cfg.runtime.choices.keys())
         threads = job_threads(check_threads(cfg), hydra_cfg.launcher if in_sweep else None)
         if threads:

@@ -31,6 +31,8 @@ NAMED_NORMS = {
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "gaussian_regression")
 OPTIMIZERS = ("sgd",)
 SCHEDULES = ("constant", "cosine", "multistep")
+# The config groups of which a run takes one config; probes/ alone composes a list (probes=[ics,landscape]).
+ONE_CONFIG_GROUPS = ("experiment", "model", "data", "norm", "optim", "scale")
 PROBE_KEYS = {
     "ics": {"every", "layers"},
     "landscape": {"every", "etas", "direction", "batched"},
@@ -269,6 +271,18 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable
             value = override.get_value_element_as_str()
         raise ConfigError(key, value, f"no such setting (a '+' adds a key that nothing reads, so it would be "
                           f"ignored); {hint}")
+
+
+def check_one_config_per_group(overrides: Sequence[str]) -> None:
+    """Refuse a list of configs for a group that takes one (``norm=[batchnorm,none]``): Hydra merges them,
+    the later's settings over the earlier's, into one run of neither (the none norm with BatchNorm's eps,
+    an MLP with VGG's depth), where a sweep over them was meant."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key, value = override.key_or_group, override.value()
+        if key in ONE_CONFIG_GROUPS and not override.is_sweep_override() and isinstance(value, list) and len(value) > 1:
+            raise ConfigError(key, override.get_value_element_as_str(),
+                              f"one config per run (a list merges them into one run of neither); for a run of "
+                              f"each, a sweep: -m {'+' if override.is_add() else ''}{key}={','.join(map(str, value))}")
 
 
 def _leaf_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bnopt.config_history import KEYS_ADDED_LATER  # noqa: E402
-from bnopt.results import Run, aggregate, mixed_settings, select, unfinished_note  # noqa: E402
+from bnopt.results import Run, aggregate, select, select_repeats, unfinished_note  # noqa: E402
 
 COLORS = {"none": "0.35", "batchnorm": "C0", "noisy_batchnorm": "C1", "lp1": "C2", "lp2": "C3", "lpinf": "C4",
           "noisy_none": "C5"}
@@ -45,13 +45,13 @@ class Missing:
 
     def need(self, runs: list[Run], what: str, over: tuple[str, ...] = ("seed",), **conditions) -> list[Run]:
         """The runs matching ``conditions``, which the figure aggregates over ``over``."""
-        chosen = select(runs, **conditions)
+        chosen, mixed = select_repeats(runs, over, **conditions)
         self.found_any = self.found_any or bool(chosen)
         keys = ", ".join(f"{key.replace('__', '.')}={value}" for key, value in conditions.items())
         if not chosen:
             self.items.append(f"{what} ({keys})")
-        if note := mixed_settings(chosen, over):
-            self.mixed.append(f"{what} ({keys}): {note}")
+        if mixed:
+            self.mixed.append(f"{what} ({keys}): {mixed}")
         return chosen
 
 
@@ -436,6 +436,7 @@ def fig_is1(sets, missing):
 
 def fig_lr_sweep(sets, missing):
     models = [m for m, runs in sets.items() if runs]  # a column for each model that has sweep runs
+    missing.items += [f"{m.upper()} lr sweep (no runs)" for m in sets if m not in models]
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7), squeeze=False)
     for j, model in enumerate(models):
         classification = any("train/acc" in run.summary.get("final", {}) for run in sets[model])

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from bnopt.rundir import FINISHED, OutputDirError, RunDirectory
+from bnopt.runlock import killed_error, status_now
 from bnopt.sweeps import announce_index
 from bnopt.train import identity_differences
 
@@ -115,6 +116,8 @@ def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
     if summary is None:
         return "ended without a summary"
     if summary.get("status") == "running":
+        if status_now(run.path, "running") == "killed":
+            return f"ended killed ({killed_error(run.path)})"
         return "another process is training it"
     if summary.get("status") not in FINISHED:
         return ended(summary.get("status"), summary.get("error"))

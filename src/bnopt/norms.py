@@ -12,6 +12,7 @@ is ``batchnorm`` + noise, and noise on ``none`` is the paper's noisy unnormalise
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -175,9 +176,6 @@ class NoisyNorm(nn.Module):
             key = derived_seed(self.seed, "eval noise", self.layer_key, self.step, passes)
         return self._generators[device].manual_seed(key)
 
-    # Left to eager under torch.compile: a generator cannot be traced, and the step the draws depend on would
-    # recompile the graph at every step, until Dynamo's limit drops the whole model back to eager.
-    @torch.compiler.disable
     def draw(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The multiplicative and additive noise (s, m) for an activation of ``shape``: this step's in
         training mode, the next evaluation pass's in eval mode."""
@@ -213,6 +211,18 @@ def set_noise_step(model: nn.Module, step: int) -> None:
     for module in model.modules():
         if isinstance(module, NoisyNorm):
             module.step = step
+
+
+def draws_left_eager(model: nn.Module) -> nn.Module:
+    """``model``, made ready for ``torch.compile``: its noisy layers' draws are left to eager mode. A
+    generator cannot be traced, and the step that the draws depend on would recompile the graph at every
+    step, until Dynamo's limit drops the whole model back to eager. Done only for a model to be compiled, not
+    as a decorator: ``torch.compiler.disable`` imports Dynamo, about 1.5 s at every start-up."""
+    for module in model.modules():
+        if isinstance(module, NoisyNorm):
+            # A method of the module, so that a deep copy of the model draws from the copy's own state.
+            module.draw = types.MethodType(torch.compiler.disable(NoisyNorm.draw), module)
+    return model
 
 
 def norm_factory(

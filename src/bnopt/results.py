@@ -24,7 +24,7 @@ import yaml
 
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.rundir import FINISHED, METRICS_HEADER
-from bnopt.sweeps import trainer_gone
+from bnopt.runlock import status_now
 
 Warn = Callable[[str], None]
 
@@ -80,11 +80,11 @@ class Run:
     def get(self, key: str, default=None):
         return self.flat.get(key, default)
 
-    @property
+    @cached_property
     def status(self) -> str:
-        """The summary's; ``killed`` for one that says ``running`` whose process on this machine is gone."""
-        status = self.summary.get("status", "unknown")
-        return "killed" if status == "running" and trainer_gone(self.path) else status
+        """The summary's; ``killed`` for one that says ``running`` whose process on this machine is gone.
+        Read once: the figures ask per run and per panel."""
+        return status_now(self.path, self.summary.get("status", "unknown"))
 
     def series(self, name: str, layer: int | None = None) -> pd.Series:
         """One metric over steps (indexed by step), optionally for one layer."""
@@ -192,6 +192,13 @@ def mixed_settings(runs: list[Run], over: Iterable[str] = ("seed",)) -> str:
         shown = ", ".join("/".join(map(str, values)) for values in repeated[:3]) + (" ..." if len(repeated) > 3 else "")
         parts.append(f"hold {'/'.join(over)} {shown} more than once")
     return f"its {len(runs)} runs {' and '.join(parts)}" if parts else ""
+
+
+def select_repeats(runs: list[Run], over: Iterable[str] = ("seed",), **conditions) -> tuple[list[Run], str]:
+    """``select(runs, **conditions)``, the runs that a figure or table takes for repeats of one setting
+    over ``over``, and :func:`mixed_settings`' note on them ("" when they are)."""
+    chosen = select(runs, **conditions)
+    return chosen, mixed_settings(chosen, over)
 
 
 def _key(value):

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,12 +24,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bnopt.sweeps import lock_holder
-
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): run directories are not locked
-    fcntl = None
+from bnopt.runlock import CHECKPOINT_FILE, LOCK_FILE, LockHeldError, held
 
 METRICS_HEADER = "step,name,value,layer,eta"
 FINAL_PREFIXES = ("train/", "test/")  # the metrics whose last values are a summary's ``final``
@@ -157,8 +151,8 @@ class RunDirectory:
         self.config = self.path / "config.yaml"
         self.metrics = self.path / "metrics.csv"
         self.summary = self.path / "summary.json"
-        self.checkpoint = self.path / "checkpoint.pt"
-        self.lock = self.path / ".lock"
+        self.checkpoint = self.path / CHECKPOINT_FILE
+        self.lock = self.path / LOCK_FILE
 
     @contextlib.contextmanager
     def claimed(self) -> Iterator[None]:
@@ -166,26 +160,13 @@ class RunDirectory:
         interleave their metrics rows and overwrite each other's checkpoints, which the figure recipes' fixed
         run places make easy (two recipes that share a run, started side by side). The kernel drops the lock
         when its holder ends, however it ends, so a killed run leaves nothing stale behind."""
-        if fcntl is None:
-            yield
-            return
-        with open(self.lock, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunBusyError(f"{self.path} is being trained by {holder} now; wait for it to end (the same "
-                                   "command then finds the run finished, or resumes it), or choose another "
-                                   "output directory") from None
-            except OSError as err:  # a file system without locks (some cluster mounts): train unguarded
-                print(f"warning: cannot lock {self.lock} ({err.strerror}); nothing stops a second process from "
-                      "training this run at the same time", file=sys.stderr)
-            else:
-                handle.truncate(0)
-                handle.write(lock_holder() + "\n")
-                handle.flush()
-            yield
+        try:
+            with held(self.lock):
+                yield
+        except LockHeldError as err:
+            raise RunBusyError(f"{self.path} is being trained by {err} now; wait for it to end (the same "
+                               "command then finds the run finished, or resumes it), or choose another "
+                               "output directory") from None
 
     def ensure_writable(self) -> None:
         try:

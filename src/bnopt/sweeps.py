@@ -12,7 +12,6 @@ import csv
 import fcntl
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnopt.config_history import with_keys_added_later
+from bnopt.runlock import killed_error, status_now
 
 FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
 INDEX_COLUMNS = ("job", "dir", "overrides", "status", "steps", *FINAL_METRICS, "wall_time_s", "error")
@@ -58,10 +58,11 @@ def gpu_lock_dir() -> Path:
 
 def visible_gpu_names(count: int) -> list[str]:
     """A name for each of the ``count`` GPUs this process sees that is the same in every process on the
-    machine: its entry in CUDA_VISIBLE_DEVICES (an index or a UUID) where that is set, else its index."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    entries = [entry.strip() for entry in visible.split(",")] if visible.strip() else []
-    return [entries[k] if k < len(entries) else str(k) for k in range(count)]
+    machine: its UUID. Not its number, which depends on what a process sees: CUDA_VISIBLE_DEVICES=3,5 makes
+    GPU 5 cuda:1, and SLURM's device cgroups number every job's GPUs from 0."""
+    import torch
+
+    return [f"GPU-{torch.cuda.get_device_properties(k).uuid}" for k in range(count)]
 
 
 @contextlib.contextmanager
@@ -146,30 +147,6 @@ def _config(path: Path) -> dict:
     return {key: value for key, value in config.items() if key not in ("threads", "device")}
 
 
-def lock_holder() -> str:
-    """What a process that trains a run writes in its ``.lock``: which process, on which machine."""
-    return f"pid {os.getpid()} on {socket.gethostname()}"
-
-
-def trainer_gone(run_dir: Path) -> bool:
-    """Whether the process that ``run_dir``'s ``.lock`` names (the one that trains, or last trained, the
-    run) has ended, as far as this machine can tell: its own processes only. A run whose summary still says
-    ``running`` then was killed without a word (SIGKILL, a node lost, out of memory)."""
-    try:
-        words = (run_dir / ".lock").read_text().split()
-    except OSError:
-        return False
-    if len(words) != 4 or words[0] != "pid" or words[2] != "on" or words[3] != socket.gethostname():
-        return False
-    try:
-        os.kill(int(words[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):  # alive under another user, or not a pid
-        return False
-    return False
-
-
 def last_logged_step(run_dir: Path) -> int | str:
     """The step of the last complete row of ``run_dir``'s metrics.csv ("" if none): how far a run got
     whose summary, written as it starts, still gives the step it started from."""
@@ -201,21 +178,20 @@ def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
             warn(f"index: {run_dir / 'summary.json'}: {problem}")
             row["status"] = "unknown"
         else:
-            row.update(status=summary.get("status", "unknown"), steps=summary.get("steps", ""),
+            row.update(status=status_now(run_dir, summary.get("status", "unknown")), steps=summary.get("steps", ""),
                        wall_time_s=summary.get("wall_time_s", ""), error=summary.get("error") or "")
-            if row["status"] == "running":
+            if row["status"] in ("running", "killed"):
                 row["steps"] = last_logged_step(run_dir)
-                if trainer_gone(run_dir):
-                    row.update(status="killed", error="its process ended without a word (the summary says "
-                               "running); the same command resumes it from its last checkpoint")
+            if row["status"] == "killed":
+                row["error"] = killed_error(run_dir)
             row.update({m: summary.get("final", {}).get(m, "") for m in FINAL_METRICS})
         rows.append(row)
     return sorted(rows, key=lambda r: (int(r["job"]) if str(r["job"]).isdigit() else 10**9, r["dir"]))
 
 
-def write_index(sweep_dir: Path, warn=print) -> Path:
+def write_index(sweep_dir: Path, warn=print) -> Path | None:
     """``<sweep_dir>/index.csv``: one row per run directory in the sweep (job number, overrides, status,
-    steps, final metrics, wall time, error)."""
+    steps, final metrics, wall time, error). None, and no file, where there is no run directory to index."""
     path = sweep_dir / "index.csv"
     # A temporary file of its own: the jobs of a cluster sweep stopped together (a time limit) each write
     # the index at once, and with one shared name one job's rename took the file from under another's.
@@ -225,7 +201,9 @@ def write_index(sweep_dir: Path, warn=print) -> Path:
         with open(tmp, "x", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
             writer.writeheader()
-            writer.writerows(index_rows(sweep_dir, warn))
+            writer.writerows(rows := index_rows(sweep_dir, warn))
+        if not rows:
+            return None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # left by a failure; gone already after the rename
@@ -235,4 +213,5 @@ def write_index(sweep_dir: Path, warn=print) -> Path:
 def announce_index(sweep_dir: Path) -> None:
     """:func:`write_index`, naming the file on stdout and the runs it cannot read on stderr: what a sweep
     prints when it ends, or when a signal stops it."""
-    print(f"sweep index: {write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))}")
+    path = write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))
+    print(f"sweep index: {path or f'none, as {sweep_dir} holds no job directories'}")

@@ -33,7 +33,7 @@ from bnopt.build import build_model, build_optimizer, resolve_device
 from bnopt.config import check_against_run, check_config
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
 from bnopt.data import BatchStream, TensorData, load_data
-from bnopt.norms import NoisyNorm, set_noise_step
+from bnopt.norms import NoisyNorm, draws_left_eager, set_noise_step
 from bnopt.probes import ActivationProbe, build_probes
 from bnopt.probes.activations import histogram_steps
 from bnopt.probes.observation import float32_settings_restored
@@ -114,7 +114,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         torch._dynamo.reset()  # a process compiles only a few models before falling back to eager silently
-    forward = torch.compile(model) if cfg.train.compile else model  # the probes use `model`, eager
+    forward = torch.compile(draws_left_eager(model)) if cfg.train.compile else model  # the probes use `model`, eager
     check_against_run(cfg, model.num_layers, len(data.train_x))
     steps = cfg.train.steps
     optimizer, schedule = build_optimizer(cfg.optim, model, steps)
