@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def seeds(values: list[float], fmt: str = "{:.3g}") -> str:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    """Mean (min–max) over the seeds' finite values; those that are inf or NaN (a run that overflowed) are
+    counted after it rather than dropped, which would show one seed as the setting's value."""
+    present = [v for v in values if v is not None]
+    finite = [v for v in present if np.isfinite(v)]
+    others = Counter(str(v) for v in present if not np.isfinite(v))
+    aside = ", ".join(f"{n} of {len(present)} seeds {kind}" for kind, n in sorted(others.items()))
+    if not finite:
+        return aside or "–"
+    if len(finite) == 1:
+        cell = fmt.format(finite[0])
+    else:
+        cell = f"{fmt.format(np.mean(finite))} ({fmt.format(min(finite))}–{fmt.format(max(finite))})"
+    return f"{cell}; {aside}" if aside else cell
 
 
 def steps_to(run: Run, metric: str, threshold: float, window: int = 5) -> float | None:
@@ -192,7 +200,7 @@ def landscape(runs: list[Run]) -> str:
             ratio = ""
             if betas.get("none") and betas.get("batchnorm"):
                 ratio = (f"\n\nEffective β without BN / with BN (medians over training, mean over seeds): "
-                         f"{np.nanmean(betas['none']) / np.nanmean(betas['batchnorm']):.3g}.")
+                         f"{np.mean(betas['none']) / np.mean(betas['batchnorm']):.3g}.")  # a seed's inf or NaN shows
             out.append(f"**Landscape along the gradient, {model.upper()}** ({name}, lr {lr:g}; per step the range "
                        f"over the η grid; medians over all of training and over its first fifth):\n\n" + table(
                            ["variant", "loss range", "loss range, first fifth", "grad-predictiveness range",

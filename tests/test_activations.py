@@ -142,6 +142,27 @@ def test_non_finite_values_are_counted_and_the_histogram_spans_the_finite_ones(t
     assert [r["nonfinite"] for r in resumed.records] == [2, 6]
 
 
+@pytest.mark.parametrize("bias", [7.886e19, 1.0, 0.0])
+def test_a_constant_unit_far_from_zero_is_binned_around_its_value(bias):
+    """A dead ReLU layer leaves the next unit at its bias; in a diverging network that is 7.9e19, where
+    NumPy's ±0.5 widening of a zero range rounds away and np.histogram raised: the run ended failed, not
+    diverged. Cells a few float spacings wide now hold the values; near 0 NumPy's own histogram stands."""
+    model = mlp(norm_factory("none"), in_features=3, hidden=[4])
+    recorder = ActivationRecorder(model, [1], seed=0, quantiles=[0.5], bins=5, log=Rows())
+    with torch.no_grad():
+        model.layer(1).weight.weight[recorder.units[1]] = 0
+        model.layer(1).weight.bias[recorder.units[1]] = bias
+    recorder.arm(0)
+    model(torch.randn(10, 3))
+    (record,) = recorder.records
+    value = float(torch.tensor(bias, dtype=torch.float32))  # as the float32 model holds it
+    assert record["counts"].sum() == 10 and record["nonfinite"] == 0
+    assert (np.diff(record["edges"]) > 0).all() and record["edges"][0] <= value <= record["edges"][-1]
+    if abs(bias) < 1e6:
+        expected_counts, expected_edges = np.histogram(np.full(10, value), bins=5)
+        assert (record["counts"] == expected_counts).all() and np.array_equal(record["edges"], expected_edges)
+
+
 def test_histograms_written_before_non_finite_counts_load_with_none(tmp_path):
     path = tmp_path / "activations.npz"
     np.savez_compressed(path, step=np.array([0, 10]), layer=np.array([1, 1]), unit=np.array([0, 0]),

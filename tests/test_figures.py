@@ -476,6 +476,15 @@ def test_a_diverged_runs_mark_is_where_it_stopped_when_another_run_logged_nothin
     assert mark.get_xdata().tolist() == [200] and mark.get_ydata().tolist() == [52.0]
     # the diverged run counts up to step 200, the completed one alone after it
     assert lines_of(ax)["BN"].get_ydata().tolist() == [25.0, 26.0, 27.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    # a probe's last values before a divergence are often inf or NaN, which draw no mark: at the step where
+    # the run stopped, at its last finite value
+    for last in (float("nan"), float("inf")):
+        overflowed = run("diverged", 200, 50.0)
+        overflowed.metrics.loc[overflowed.metrics.step >= 100, "value"] = last
+        ax = plt.figure().gca()
+        curve(ax, [overflowed], "train/loss", "C0", "BN")
+        (mark,) = [line for line in ax.get_lines() if line.get_marker() == "x"]
+        assert mark.get_xdata().tolist() == [200] and mark.get_ydata().tolist() == [50.0]
     plt.close("all")
 
 
@@ -791,8 +800,11 @@ def test_the_reports_numbers_are_the_statistics_it_names(all_runs):
     landscape = run_of([(step, "landscape/loss", value, "", eta) for step, r in ranges.items()
                         for eta, value in ((0.1, 5.0 + r / 2), (0.2, 5.0 + r), (0.4, 5.0))])
     assert report.spread(landscape, "landscape/loss") == 1.0 and report.spread(landscape, "landscape/loss", True) == 4.0
-    assert report.seeds([1.0, 2.0, 6.0, float("nan")]) == "3 (1–6)" and report.seeds([0.25]) == "0.25"
-    assert report.seeds([None, float("inf")]) == "–"
+    assert report.seeds([1.0, 2.0, 6.0]) == "3 (1–6)" and report.seeds([0.25]) == "0.25" and report.seeds([None]) == "–"
+    # a seed that overflowed is counted, not dropped: one seed's value is not the setting's
+    assert report.seeds([1.0, 2.0, 6.0, float("nan")]) == "3 (1–6); 1 of 4 seeds nan"
+    assert report.seeds([None, float("inf"), 5.0, float("inf")]) == "5; 2 of 3 seeds inf"
+    assert report.seeds([float("-inf"), float("nan")]) == "1 of 2 seeds -inf, 1 of 2 seeds nan"
     assert report.first_to_last_tenth(pd.Series(np.arange(20.0))) == "0.5 → 18.5"  # two points each
 
     # the fixture's one unnormalised run at lr 0.5 diverged at step 120: its last values are not final ones

@@ -174,6 +174,17 @@ def test_an_evaluation_that_overflows_makes_beta_undefined_in_any_order(batched,
     assert probe_landscape(CancellingExponentials(-1.0), loss_is_output, BATCH, [0.5], batched=batched)["beta"] == 1.0
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_norms_of_float32_gradients_beyond_the_square_root_of_float32s_range_are_finite(batched):
+    """L = 0.5 w^T A w with A = 1e20 I and w = 1 in float32: every gradient entry (1e20, and 9e19 at the
+    step) fits float32, but their squares do not. The norms, squared in float32, read inf and beta NaN."""
+    model = Quadratic(1e20 * torch.eye(4), torch.ones(4))
+    result = probe_landscape(model, loss_is_output, BATCH, [1e-21], batched=batched)
+    assert result["grad_norm"] == pytest.approx(2e20, rel=1e-6)
+    assert result["grad_diff"] == [pytest.approx(2e19, rel=1e-5)]
+    assert result["beta"] == pytest.approx(1e20, rel=1e-5)  # the Rayleigh quotient of A
+
+
 def test_bad_arguments_are_refused():
     a, w, _, _ = quadratic()
     for etas in ([0.1, -1.0], [0.0], [float("nan")], [float("inf")]):

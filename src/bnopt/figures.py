@@ -76,8 +76,11 @@ def curve(ax, runs: list[Run], metric: str, color, label: str, layer: int | None
         # Arrays, not Series: numpy 1.24.0 (which pyproject.toml admits) fails on a Series in fill_between.
         ax.fill_between(stats.index, stats["min"].values, stats["max"].values, color=color, alpha=0.15, lw=0)
     for run, s in logged:
-        if run.status == "diverged":
-            ax.plot(s.index[-1], s.iloc[-1], "x", color=color, ms=8, mew=2)
+        finite = s[np.isfinite(s)]
+        if run.status == "diverged" and len(finite):
+            # At the step where it stopped, at its last finite value: a probe's last value there is often
+            # inf or NaN, which draws no mark at all.
+            ax.plot(s.index[-1], finite.iloc[-1], "x", color=color, ms=8, mew=2)
     if log:
         ax.set_yscale("log")
 

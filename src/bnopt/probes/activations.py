@@ -89,7 +89,7 @@ class ActivationRecorder:
         # counted: a run on its way to diverging must not crash here before its loss is checked.
         finite = values[torch.isfinite(values)].numpy()
         if finite.size:
-            counts, edges = np.histogram(finite, bins=self.bins)
+            counts, edges = histogram(finite, self.bins)
         else:
             counts, edges = np.zeros(self.bins, dtype=np.int64), np.full(self.bins + 1, np.nan)
         self.records.append({"step": self.step, "layer": layer, "counts": counts, "edges": edges,
@@ -125,3 +125,16 @@ class ActivationRecorder:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
+
+
+def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(values, bins)``, also where the values span too few float64 numbers for ``bins``
+    distinct edges, where NumPy raises: a constant unit far from 0 (the bias behind a dead ReLU layer of a
+    diverging network, 7.9e19, where NumPy's ±0.5 widening of a zero range rounds away). Those get
+    ``bins`` cells two float spacings wide (or wider, to span the values), centred on them."""
+    try:
+        return np.histogram(values, bins=bins)
+    except ValueError:
+        low, high = values.min(), values.max()
+        step = max(2 * np.spacing(max(abs(low), abs(high))), (high - low) / bins)
+        return np.histogram(values, bins=(low + high) / 2 + step * (np.arange(bins + 1) - bins / 2))

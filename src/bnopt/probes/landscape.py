@@ -120,11 +120,11 @@ def _effective_beta(grad_diff: list[float], etas: list[float], d_norm: float) ->
 
 
 def _combined_norms(rows: torch.Tensor) -> list[float]:
-    """The norm of each vector whose per-tensor norms (in the tensors' dtype) make one row, combined in
-    float64. No concatenation and a handful of ops: a small model's probe is dominated by per-op costs.
-    (The difference of two float32 gradients is exact or within half an ulp of itself, far below the
-    gradients' own rounding, so it needs no float64 either.)"""
-    return rows.double().norm(dim=1).tolist()
+    """The norm of each vector whose per-tensor norms (float64) make one row. No concatenation and a
+    handful of ops: a small model's probe is dominated by per-op costs. (The difference of two float32
+    gradients is exact or within half an ulp of itself, far below the gradients' own rounding, so it is
+    taken in their dtype; only its squares need float64.)"""
+    return rows.norm(dim=1).tolist()
 
 
 def vmap_pays(model: nn.Module) -> bool:
@@ -194,6 +194,6 @@ def _evaluate_batched(model, loss_fn, batch, obs, named, g, d, etas):
     except RuntimeError as err:  # torch.func's own words name the op, not the way out
         raise RuntimeError(f"the batched landscape evaluation (torch.func.vmap) failed on this model ({err}); "
                            "batched=False runs any model") from err
-    diff_norms = torch.stack([(grads[name] - gp).reshape(len(etas), -1).norm(dim=1) for name, gp in zip(names, g)],
-                             dim=1)
+    diff_norms = torch.stack([torch.linalg.vector_norm((grads[name] - gp).reshape(len(etas), -1), dim=1,
+                                                    dtype=torch.float64) for name, gp in zip(names, g)], dim=1)
     return [float(v) for v in losses], diff_norms

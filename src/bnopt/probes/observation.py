@@ -357,5 +357,7 @@ def simulate_optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[n
 
 
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The norm of each tensor, stacked into one vector (one foreach op, not one per tensor)."""
-    return torch.stack(torch._foreach_norm(list(tensors)))
+    """The norm of each tensor, in float64, stacked into one vector (one foreach op, not one per tensor).
+    Float64 because a float32 gradient's squares overflow long before its entries do: a norm above about
+    1.8e19 would read inf."""
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float64))
