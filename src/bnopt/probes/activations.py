@@ -129,12 +129,16 @@ class ActivationRecorder:
 
 def histogram(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.histogram(values, bins)``, also where the values span too few float64 numbers for ``bins``
-    distinct edges, where NumPy raises: a constant unit far from 0 (the bias behind a dead ReLU layer of a
-    diverging network, 7.9e19, where NumPy's ±0.5 widening of a zero range rounds away). Those get
-    ``bins`` cells two float spacings wide (or wider, to span the values), centred on them."""
+    distinct edges: a constant unit far from 0 (the bias behind a dead ReLU layer of a diverging network,
+    7.9e19, where NumPy's ±0.5 widening of a zero range rounds away), on which NumPy raises (a ValueError
+    from 1.25, an IndexError before). Those get ``bins`` cells two float spacings wide (or wider, to span
+    the values), centred on them."""
     try:
-        return np.histogram(values, bins=bins)
+        edges = np.histogram_bin_edges(values, bins=bins)
     except ValueError:
-        low, high = values.min(), values.max()
-        step = max(2 * np.spacing(max(abs(low), abs(high))), (high - low) / bins)
-        return np.histogram(values, bins=(low + high) / 2 + step * (np.arange(bins + 1) - bins / 2))
+        edges = None
+    if edges is not None and (np.diff(edges) > 0).all():
+        return np.histogram(values, bins=bins)
+    low, high = values.min(), values.max()
+    step = max(2 * np.spacing(max(abs(low), abs(high))), (high - low) / bins)
+    return np.histogram(values, bins=(low + high) / 2 + step * (np.arange(bins + 1) - bins / 2))
