@@ -53,6 +53,7 @@ def assert_finished(runs) -> None:
         assert json.loads((run / "summary.json").read_text())["status"] in ("completed", "diverged"), run
 
 
+@pytest.mark.slow  # half a minute or more each: trains a recipe's runs
 def test_a_recipe_trains_its_runs_at_their_fixed_places_and_draws_its_figures(workspace):
     data, results = workspace
     run_recipe("fig3_ics.sh", data, results)
@@ -68,6 +69,7 @@ def test_a_recipe_trains_its_runs_at_their_fixed_places_and_draws_its_figures(wo
     assert (results / "figures" / "fig3_b.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # half a minute or more each: trains a recipe's runs
 def test_a_recipe_whose_runs_were_made_with_other_overrides_stops_before_drawing(workspace):
     """The run places name only norm, lr and seed: given an override that changes its runs, the recipe finds
     every place taken by a run of the first command. Its jobs are refused, so it must not draw the old runs as

@@ -115,12 +115,13 @@ def why_not_this_jobs_run(run: RunDirectory, config: dict) -> str | None:
     summary = run.read_summary()
     if summary is None:
         return "ended without a summary"
-    if summary.get("status") == "running":
-        if status_now(run.path, "running") == "killed":
-            return f"ended killed ({killed_error(run.path)})"
+    status = status_now(run.path, summary.get("status"))
+    if status == "killed":
+        return f"ended killed ({killed_error(run.path)})"
+    if status == "running":
         return "another process is training it"
-    if summary.get("status") not in FINISHED:
-        return ended(summary.get("status"), summary.get("error"))
+    if status not in FINISHED:
+        return ended(status, summary.get("error"))
     return None
 
 
