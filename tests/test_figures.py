@@ -69,7 +69,8 @@ def fake_run(root: Path, model: str, norm: str, lr: float, seed: int = 0, steps:
                             counts=np.array([h[2] for h in histograms]), edges=np.array([h[3] for h in histograms]))
     final = {name: value for _, name, value, layer, eta in rows if layer == "" and name.startswith(("train/", "test/"))}
     status = "completed" if diverge_at is None else "diverged"
-    (run_dir / "summary.json").write_text(json.dumps({"status": status, "steps": end, "final": final}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": status, "steps": end, "final": final,
+                                                      "metrics_rows": len(rows)}))
     return run_dir
 
 
@@ -512,13 +513,21 @@ def test_make_figures_names_and_skips_runs_it_cannot_parse(results, tmp_path):
     (no_config / "config.yaml").unlink()
     bad_yaml = fake_run(broken, "vgg", "lp1", 0.1)
     (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
+    cut = fake_run(broken, "vgg", "lp2", 0.1)  # copied short at a line's end: every row left is well-formed
+    lines = (cut / "metrics.csv").read_text().splitlines(keepends=True)
+    (cut / "metrics.csv").write_text("".join(lines[:-7]))
+    older = fake_run(broken, "vgg", "lpinf", 0.1)  # a summary from before the count was kept: read as it is
+    summary = json.loads((older / "summary.json").read_text())
+    (older / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "metrics_rows"}))
     result = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "1", "--runs", str(broken),
                              "--out", str(tmp_path / "figs")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"skipping {truncated / 'metrics.csv'}: malformed rows" in result.stderr
     assert f"skipping {no_config / 'config.yaml'}: missing" in result.stderr
     assert f"skipping {bad_yaml / 'config.yaml'}: not valid YAML" in result.stderr
-    assert "1 runs read" in result.stdout and (tmp_path / "figs" / "fig1.png").exists()
+    assert f"skipping {cut / 'metrics.csv'}: {len(lines) - 8} rows where the run, completed, wrote {len(lines) - 1}: " \
+           f"part of its record is lost" in result.stderr
+    assert "2 runs read" in result.stdout and (tmp_path / "figs" / "fig1.png").exists()
     assert good.exists()
 
 

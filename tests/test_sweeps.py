@@ -539,6 +539,7 @@ def test_a_run_resumed_after_its_last_logging_step_ends_with_the_same_summary(tm
     resumed = train_run(tmp_path / "run", *args)
     assert resumed["status"] == "completed" and resumed["final"] == reference["final"] != {}
     assert json.loads((tmp_path / "run/summary.json").read_text())["final"] == reference["final"]
+    assert resumed["metrics_rows"] == reference["metrics_rows"] > 0  # the rows kept from before count too
 
 
 DLN_SMOKE = ("+experiment=dln_bn", "scale=smoke", "probes=[ics,landscape]", "train.checkpoint_every=10")
@@ -550,9 +551,11 @@ def test_a_run_killed_after_its_last_checkpoint_is_found_finished_with_its_summa
     a recipe said another process was training it)."""
     reference = train_run(tmp_path, *DLN_SMOKE)
     written = json.loads((tmp_path / "summary.json").read_text())
-    (tmp_path / "summary.json").write_text(json.dumps({**written, "status": "running", "steps": 0, "final": {}}))
+    (tmp_path / "summary.json").write_text(json.dumps({**written, "status": "running", "steps": 0, "final": {},
+                                                       "metrics_rows": None}))
     again = train_run(tmp_path, *DLN_SMOKE)
     assert (again["status"], again["steps"], again["final"]) == ("completed", 30, reference["final"]) != ("", 0, {})
+    assert again["metrics_rows"] == reference["metrics_rows"] > 0
     assert json.loads((tmp_path / "summary.json").read_text()) == again
     (tmp_path / "summary.json").unlink()  # gone altogether: what the checkpoint knows of it comes back
     again = train_run(tmp_path, *DLN_SMOKE)

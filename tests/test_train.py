@@ -49,6 +49,7 @@ def test_dln_run_writes_the_results_contract(tmp_path):
         assert key in on_disk
     assert on_disk["job"] is None  # trained through the library: no launcher named it (the CLI's: test_cli)
     assert on_disk["final"]["train/loss"] == train_loss.value.iloc[-1]
+    assert on_disk["metrics_rows"] == len(metrics) > 0  # what the figures and the report check the file against
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["optim"]["lr"] == 1e-6 and config["train"]["batch_size"] == 1000 and "${" not in (tmp_path / "config.yaml").read_text()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

@@ -2,8 +2,8 @@
 reports.
 
 A run directory that cannot be parsed — a missing or broken ``config.yaml``, a ``metrics.csv`` with the
-wrong header or garbage rows — is reported by file name and skipped; a run killed mid-write loses only its
-unfinished last line.
+wrong header or garbage rows, or fewer or more rows than its summary says a finished run wrote — is reported
+by file name and skipped; a run killed mid-write loses only its unfinished last line.
 """
 
 from __future__ import annotations
@@ -116,6 +116,12 @@ def read_run(directory: Path) -> Run:
         summary = json.loads((directory / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}  # a run killed before its first summary: its metrics still count
+    if not isinstance(summary, dict):
+        summary = {}
+    written = summary.get("metrics_rows")  # absent from summaries written before 2026-12-01
+    if summary.get("status") in FINISHED and isinstance(written, int) and len(metrics) != written:
+        raise RunReadError(f"{directory / 'metrics.csv'}: {len(metrics)} rows where the run, {summary['status']}, "
+                           f"wrote {written}: part of its record is lost (a copy cut short?)")
     return Run(directory, with_keys_added_later(config), metrics, summary)
 
 

@@ -149,7 +149,7 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
                            commits[-1][0], start - 1, commits[-1][1])
             commits = [*commits, [start, commit]]
     summary = {
-        "status": "running", "steps": start, "final": {}, "diverged_at_step": None,
+        "status": "running", "steps": start, "final": {}, "metrics_rows": None, "diverged_at_step": None,
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
         "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "git_commit": commit, "git_commits": commits, "started": started,
@@ -244,7 +244,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         if summary["status"] == "running":
             summary["status"] = status
         summary.update(
-            steps=step, final=dict(metrics.last), diverged_at_step=step if status == "diverged" else None,
+            steps=step, final=dict(metrics.last), metrics_rows=metrics.rows,  # lets a reader see rows lost since
+            diverged_at_step=step if status == "diverged" else None,
             wall_time_s=summary["wall_time_s"] + elapsed,
             steps_per_s=(step - start) / loop_seconds if loop_seconds else None, finished=now(),
         )
@@ -352,8 +353,8 @@ def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
         return summary
     ended = datetime.fromtimestamp(run.checkpoint.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
     summary.update(status=status, steps=step, final=final_values(metric_rows(run.metrics)),
-                   diverged_at_step=step if status == "diverged" else None, wall_time_s=checkpoint["wall_time_s"],
-                   finished=ended, error=None)
+                   metrics_rows=checkpoint.get("metrics_rows"), diverged_at_step=step if status == "diverged" else None,
+                   wall_time_s=checkpoint["wall_time_s"], finished=ended, error=None)
     if "git_commits" in checkpoint:  # what the checkpoint knows of a summary that is gone
         summary.update(git_commit=checkpoint["git_commits"][-1][1], git_commits=checkpoint["git_commits"],
                        started=checkpoint["started"])
