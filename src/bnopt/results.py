@@ -116,12 +116,13 @@ def read_run(directory: Path) -> Run:
         summary = json.loads((directory / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}  # a run killed before its first summary: its metrics still count
-    if not isinstance(summary, dict):
+    if not isinstance(summary, dict):  # JSON, but no summary: read as a missing one is
         summary = {}
     written = summary.get("metrics_rows")  # absent from summaries written before 2026-12-01
     if summary.get("status") in FINISHED and isinstance(written, int) and len(metrics) != written:
         raise RunReadError(f"{directory / 'metrics.csv'}: {len(metrics)} rows where the run, {summary['status']}, "
-                           f"wrote {written}: part of its record is lost (a copy cut short?)")
+                           f"wrote {written}: part of its record is lost (a copy cut short?); move the run away and run "
+                           f"its command again")
     return Run(directory, with_keys_added_later(config), metrics, summary)
 
 
