@@ -71,6 +71,31 @@ def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_a_finished_run_whose_record_was_cut_short_is_named_when_its_command_runs_again(tmp_path, caplog):
+    """The figures and the report skip a finished run whose metrics.csv lost rows (a copy cut short at a
+    line's end); its command, run again, finds it finished and must say so rather than just 'already completed',
+    with its checkpoint and without (as the committed results are kept)."""
+    args = ("+experiment=dln_bn", "scale=smoke", "probes=none")
+    train_run(tmp_path, *args)
+    with caplog.at_level("WARNING", logger="bnopt"):
+        train_run(tmp_path, *args)
+    assert not caplog.records  # a whole record: nothing to say
+    lines = (tmp_path / "metrics.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.csv").write_text("".join(lines[:-2]))
+    cut = {name: (tmp_path / name).read_bytes() for name in ("metrics.csv", "summary.json")}
+    for checkpoint_kept in (True, False):
+        if not checkpoint_kept:
+            (tmp_path / "checkpoint.pt").unlink()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bnopt"):
+            assert train_run(tmp_path, *args)["status"] == "completed"  # not trained again
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{tmp_path / 'metrics.csv'} holds {len(lines) - 3} rows where the run, completed, wrote "
+            f"{len(lines) - 1}: part of its record is lost (a copy cut short?), and the figures and the report "
+            f"skip it. Move the run away and run this command again"], checkpoint_kept
+        assert {name: (tmp_path / name).read_bytes() for name in cut} == cut
+
+
 def test_where_the_data_lives_is_not_part_of_a_runs_identity():
     """A requeued job on a node that keeps the data elsewhere (``BNOPT_DATA``), without internet
     (``data.download=false``), resumes its run; what the data are stays part of it."""

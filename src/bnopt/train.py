@@ -98,10 +98,13 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     if checkpoint is None and finished_without_checkpoint(run, resolved):
         summary = run.read_summary()
         logger.info("%s: already %s at step %s; not re-running", run.path, summary["status"], summary.get("steps"))
+        warn_if_record_lost(run, summary)
         return summary
     if checkpoint is not None and checkpoint["status"] in FINISHED:
         logger.info("%s: already %s at step %s; not re-running", run.path, checkpoint["status"], checkpoint["step"])
-        return summary_of_finished(run, checkpoint)
+        summary = summary_of_finished(run, checkpoint)
+        warn_if_record_lost(run, summary)
+        return summary
     if checkpoint is not None:
         check_record_kept(run, checkpoint, resolved)
 
@@ -361,6 +364,17 @@ def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
     run.write_summary(summary)
     logger.warning("%s: its summary did not say it %s; written again from its checkpoint", run.path, status)
     return summary
+
+
+def warn_if_record_lost(run: RunDirectory, summary: dict) -> None:
+    """Name a finished run whose ``metrics.csv`` no longer holds the rows it wrote (a copy cut short): its
+    command finds it finished and does not train it again, and the figures and the report skip it, so the
+    one command a user would try says what to do. Summaries from before the count was kept are not checked."""
+    written, kept = summary.get("metrics_rows"), len(metric_rows(run.metrics))
+    if isinstance(written, int) and kept != written:
+        logger.warning("%s holds %d rows where the run, %s, wrote %d: part of its record is lost (a copy cut "
+                       "short?), and the figures and the report skip it. Move the run away and run this command "
+                       "again", run.metrics, kept, summary["status"], written)
 
 
 def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> None:
