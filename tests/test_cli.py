@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -171,19 +172,26 @@ def test_values_next_to_the_refused_ones_pass(overrides):
     (["norm=none", "+norm.eps=1e-3"], "the settings of norm: norm.name, norm.kind, norm.noise"),  # none has none
     (["norm=batchnorm", "+norm.noise.n_mu=1"], "the settings of norm: norm.name, norm.kind, norm.eps"),
     (["+zzz=1"], "the top-level settings: model, data, norm"),
+    (["++optim.lrr=0.1"], "did you mean optim.lr?"),  # `++` sets a key the config has and adds one it lacks
+    (["+experiment=dln_bn", "++model.dept=3"], "did you mean model.depth?"),
+    (["norm=none", "++norm.eps=1e-3"], "the settings of norm: norm.name, norm.kind, norm.noise"),  # BN's has it
+    (["++optim.lr=0.1", "++zzz=1"], "the top-level settings: model, data, norm"),
 ])
 def test_a_setting_added_with_plus_that_nothing_reads_is_refused(overrides, hint):
-    """Hydra adds with `+` only keys the config lacks, and nothing reads those: the run would train with
-    the value ignored, its config.yaml saying otherwise."""
+    """Hydra adds with `+` only keys the config lacks, and with `++` also those: nothing reads them, so the
+    run would train with the value ignored, its config.yaml saying otherwise."""
     with pytest.raises(ConfigError) as err:
         check_added_keys_as_train_does(*overrides)
-    assert err.value.key == overrides[-1][1:].split("=")[0]
-    assert "no such setting (a '+' adds a key that nothing reads, so it would be ignored); " + hint in str(err.value)
+    added = overrides[-1].split("=")[0]
+    key = added.lstrip("+")
+    assert err.value.key == key
+    assert f"no such setting (a '{added[:-len(key)]}' adds a key that nothing reads, so it would be ignored); {hint}" in str(err.value)
 
 
 def test_a_plus_that_adds_a_group_a_hydra_setting_or_a_probe_setting_passes():
     overrides = ["+experiment=dln_bn", "+hydra.callbacks.unfinished_jobs.record=x", "+probes.ics.evry=3",
-                 "optim.lr=0.1", "++optim.momentum=0.5", "~optim.milestones"]
+                 "optim.lr=0.1", "++optim.momentum=0.5", "~optim.milestones", "++model.paper.ics_layers.0=3",
+                 "++probes.ics.evry=3", "++hydra.job.chdir=false", "norm=batchnorm", "++norm.eps=1e-3"]
     check_added_keys_as_train_does(*overrides)  # probes: check_config's to refuse
 
 
@@ -261,37 +269,49 @@ def assert_one_line_error(result, *fragments):
 
 
 def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path):
-    assert_one_line_error(run_cli("+experiment=dln_bn", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'a'}"),
-                          "optim.lr=-1", "positive learning rate")
-    failed = json.loads((tmp_path / "a/summary.json").read_text())
-    assert failed["status"] == "failed" and failed["job"] == {"num": None, "overrides": ["+experiment=dln_bn", "optim.lr=-1"]}
-    assert_one_line_error(run_cli("+experiment=dln_bn", "seed=-1", f"hydra.run.dir={tmp_path / 'a'}"), "seed=-1")
-    failed_again = json.loads((tmp_path / "a/summary.json").read_text())  # says why the latest command failed
-    assert failed_again["status"] == "failed" and failed_again["error"].startswith("ConfigError: seed=-1")
-    assert_one_line_error(run_cli("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
-                                  f"hydra.run.dir={tmp_path / 'b'}"), "MNIST not found", f"{tmp_path}/none")
     damaged = write_mnist(tmp_path / "damaged", n_train=30, n_test=20) / "train-images-idx3-ubyte.gz"
     damaged.write_bytes(damaged.read_bytes()[:100])  # a download cut short
-    assert_one_line_error(run_cli("data=mnist", f"data.root={damaged.parent}", "data.download=false", "scale=smoke",
-                                  f"hydra.run.dir={tmp_path / 'd'}"), f"MNIST: cannot read {damaged}", "Fix: delete the files")
     (tmp_path / "file").write_text("")
-    assert_one_line_error(run_cli("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"),
-                          "not writable", "hydra.run.dir")
-    sweep = run_cli("-m", "+experiment=dln_bn", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'file' / 'sweep'}")
-    assert_one_line_error(sweep, "not writable", "hydra.sweep.dir")
-    unknown = run_cli("norm=batchnrom", f"hydra.run.dir={tmp_path / 'c'}")
+    refused = [  # (command line, what its one error line says)
+        (("data=mnist", f"data.root={tmp_path}/none", "data.download=false", "scale=smoke",
+          f"hydra.run.dir={tmp_path / 'b'}"), ("MNIST not found", f"{tmp_path}/none")),
+        (("data=mnist", f"data.root={damaged.parent}", "data.download=false", "scale=smoke",
+          f"hydra.run.dir={tmp_path / 'd'}"), (f"MNIST: cannot read {damaged}", "Fix: delete the files")),
+        (("+experiment=dln_bn", f"hydra.run.dir={tmp_path / 'file' / 'run'}"), ("not writable", "hydra.run.dir")),
+        (("-m", "+experiment=dln_bn", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'file' / 'sweep'}"),
+         ("not writable", "hydra.sweep.dir")),
+        # `++`: checked against the config composed without it, inside the app (the `+` case: tests above)
+        (("+experiment=dln_bn", "++optim.lrr=0.1", f"hydra.run.dir={tmp_path / 'e'}"),
+         ("optim.lrr=0.1 is not allowed: no such setting (a '++'", "did you mean optim.lr?")),
+        # read before the config's checks, to limit the job's threads: one line too, not torch's traceback
+        (("+experiment=dln_bn", "threads=-1", f"hydra.run.dir={tmp_path / 'f'}"), ("threads=-1 is not allowed",)),
+        (("+experiment=dln_bn", "optim.lr=${nowhere}", f"hydra.run.dir={tmp_path / 'g'}"),
+         ("optim.lr='<unresolvable>' is not allowed", "Interpolation key 'nowhere' not found")),
+        # a value the run directory is made of: Hydra's traceback came first
+        (("+experiment=dln_bn", "name=${nowhere}"), ("hydra.run.dir cannot be resolved (InterpolationKeyError",)),
+    ]
+
+    def refused_twice():  # one directory, one command after the other
+        first = run_cli("+experiment=dln_bn", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'a'}")
+        return first, json.loads((tmp_path / "a/summary.json").read_text()), \
+            run_cli("+experiment=dln_bn", "seed=-1", f"hydra.run.dir={tmp_path / 'a'}")
+
+    # Side by side: each command is mostly Python's and torch's start-up, and one at a time they took 40 s.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        twice = pool.submit(refused_twice)
+        unknown = pool.submit(run_cli, "norm=batchnrom", f"hydra.run.dir={tmp_path / 'c'}")
+        results = [pool.submit(run_cli, *args) for args, _ in refused]
+    for (_, fragments), result in zip(refused, results):
+        assert_one_line_error(result.result(), *fragments)
+    first, failed, second = twice.result()
+    assert_one_line_error(first, "optim.lr=-1", "positive learning rate")
+    assert failed["status"] == "failed" and failed["job"] == {"num": None, "overrides": ["+experiment=dln_bn", "optim.lr=-1"]}
+    assert_one_line_error(second, "seed=-1")
+    failed_again = json.loads((tmp_path / "a/summary.json").read_text())  # says why the latest command failed
+    assert failed_again["status"] == "failed" and failed_again["error"].startswith("ConfigError: seed=-1")
+    unknown = unknown.result()
     assert unknown.returncode != 0 and "Could not find 'norm/batchnrom'" in unknown.stderr
     assert "noisy_batchnorm" in unknown.stderr  # Hydra lists the options
-    assert_one_line_error(run_cli("+experiment=dln_bn", "+optim.lrr=0.1", f"hydra.run.dir={tmp_path / 'e'}"),
-                          "optim.lrr=0.1 is not allowed: no such setting", "did you mean optim.lr?")
-    # read before the config's checks, to limit the job's threads: one line too, not torch's traceback
-    assert_one_line_error(run_cli("+experiment=dln_bn", "threads=-1", f"hydra.run.dir={tmp_path / 'f'}"),
-                          "threads=-1 is not allowed")
-    assert_one_line_error(run_cli("+experiment=dln_bn", "optim.lr=${nowhere}", f"hydra.run.dir={tmp_path / 'g'}"),
-                          "optim.lr='<unresolvable>' is not allowed", "Interpolation key 'nowhere' not found")
-    # a value the run directory is made of: Hydra's traceback came first
-    assert_one_line_error(run_cli("+experiment=dln_bn", "name=${nowhere}"),
-                          "hydra.run.dir cannot be resolved (InterpolationKeyError")
 
 
 def test_cli_run_lands_in_the_readable_default_directory_and_divergence_exits_zero(tmp_path):

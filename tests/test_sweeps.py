@@ -112,8 +112,10 @@ def read_index(sweep_dir: Path) -> list[dict]:
 
 
 def test_local_parallel_sweep_goes_on_past_failed_and_diverged_jobs(tmp_path):
+    # ++: its check composes the config again, in the job's process
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=dln_bn", "scale=smoke",
-                     "probes=none", "norm=none,batchnorm", "optim.lr=-1,1e-6,1.0", f"hydra.sweep.dir={tmp_path}")
+                     "probes=none", "++optim.momentum=0.0", "norm=none,batchnorm", "optim.lr=-1,1e-6,1.0",
+                     f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert "schema" not in result.stderr  # the launcher configs' deprecation warning is filtered
     rows = read_index(tmp_path)
@@ -141,13 +143,14 @@ def test_a_job_with_a_bad_thread_count_fails_alone(tmp_path):
 
 def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
     result = run_cli("-m", "hydra/launcher=submitit_local", "+experiment=dln_bn", "scale=smoke", "probes=none",
-                     "norm=none,batchnorm", f"hydra.sweep.dir={tmp_path}", timeout=600)
+                     "norm=none,batchnorm", "++optim.momentum=0.0", f"hydra.sweep.dir={tmp_path}", timeout=600)
     assert result.returncode == 0, result.stderr
     rows = read_index(tmp_path)
     assert [r["status"] for r in rows] == ["completed", "completed"]
     summary = json.loads((tmp_path / "1" / "summary.json").read_text())
     assert summary["threads"] == 1  # cpus_per_task of configs/hydra/launcher/submitit_local.yaml
-    assert summary["job"] == {"num": 1, "overrides": ["+experiment=dln_bn", "scale=smoke", "probes=none", "norm=batchnorm"]}
+    assert summary["job"] == {"num": 1, "overrides": ["+experiment=dln_bn", "scale=smoke", "probes=none", "norm=batchnorm",
+                                                      "++optim.momentum=0.0"]}
 
 
 def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(tmp_path):

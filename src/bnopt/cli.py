@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -51,7 +52,8 @@ def main(cfg: DictConfig) -> dict | None:
     job = {"num": hydra_cfg.job.num if in_sweep else None, "overrides": overrides}
     try:
         check_one_config_per_group(overrides)
-        check_added_keys(cfg, overrides, groups=hydra_cfg.runtime.choices.keys())
+        check_added_keys(cfg, overrides, groups=hydra_cfg.runtime.choices.keys(),
+                         compose=lambda others: compose(hydra_cfg.job.config_name, overrides=others))
         threads = job_threads(check_threads(cfg), hydra_cfg.launcher if in_sweep else None)
         if threads:
             limit_threads(threads)

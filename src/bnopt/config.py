@@ -244,15 +244,24 @@ def check_config(cfg: DictConfig) -> None:
         require(cfg, "probes.activations.bins", positive_int, "a positive integer number of histogram bins")
 
 
-def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable[str]) -> None:
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable[str],
+                     compose: Callable[[list[str]], DictConfig]) -> None:
     """Refuse a setting that a command line's ``+key=value`` added: Hydra adds only keys the config lacks,
     and nothing reads a key the configs do not have, so the value would be ignored (``+optim.lrr=0.1``: the
-    fix Hydra suggests when ``optim.lrr=0.1`` is refused). A ``+`` that adds a config group
-    (``+experiment=...``) or a Hydra setting is fine; added probe settings have their own check."""
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
+    fix Hydra suggests when ``optim.lrr=0.1`` is refused). ``++key=value`` sets a key the config has and adds
+    one it lacks: refused where the config that ``compose`` (overrides -> config) gives without it lacks it.
+    A ``+`` that adds a config group (``+experiment=...``) or a Hydra setting is fine; added probe settings
+    have their own check."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    checked = [o for o in parsed
+               if o.key_or_group not in groups and o.key_or_group.split(".")[0] not in ("hydra", "probes")]
+    added = [o for o in checked if o.is_add()]
+    set_or_added = [o for o in checked if o.is_force_add()]
+    if set_or_added:
+        without = compose([text for text, o in zip(overrides, parsed) if o not in set_or_added])
+        added += [o for o in set_or_added if not _has_key(without, o.key_or_group)]
+    for override in added:
         key = override.key_or_group
-        if not override.is_add() or key in groups or key.split(".")[0] in ("hydra", "probes"):
-            continue
         known = [k for k in _leaf_keys(cfg) if k != key and not k.startswith(f"{key}.")]
         others = [k for k in known if not key.startswith(f"{k}.")]  # not norm.noise for norm.noise.n_mu
         last = {k: k.split(".")[-1] for k in others}
@@ -269,8 +278,18 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable
             value = _get(cfg, key)
         except ConfigError:
             value = override.get_value_element_as_str()
-        raise ConfigError(key, value, f"no such setting (a '+' adds a key that nothing reads, so it would be "
+        plus = "++" if override.is_force_add() else "+"
+        raise ConfigError(key, value, f"no such setting (a '{plus}' adds a key that nothing reads, so it would be "
                           f"ignored); {hint}")
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` (dotted) is in ``cfg``, with a value or ``???``."""
+    parent, _, last = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+    if isinstance(node, DictConfig):
+        return last in node.keys()
+    return isinstance(node, ListConfig) and last.isdigit() and int(last) < len(node)
 
 
 def check_one_config_per_group(overrides: Sequence[str]) -> None:
