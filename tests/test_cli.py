@@ -185,7 +185,8 @@ def test_a_setting_added_with_plus_that_nothing_reads_is_refused(overrides, hint
     added = overrides[-1].split("=")[0]
     key = added.lstrip("+")
     assert err.value.key == key
-    assert f"no such setting (a '{added[:-len(key)]}' adds a key that nothing reads, so it would be ignored); {hint}" in str(err.value)
+    plus = added[:-len(key)]
+    assert f"no such setting (a '{plus}' adds a key that nothing reads, so it would be ignored); {hint}" in str(err.value)
 
 
 def test_a_plus_that_adds_a_group_a_hydra_setting_or_a_probe_setting_passes():
@@ -193,6 +194,23 @@ def test_a_plus_that_adds_a_group_a_hydra_setting_or_a_probe_setting_passes():
                  "optim.lr=0.1", "++optim.momentum=0.5", "~optim.milestones", "++model.paper.ics_layers.0=3",
                  "++probes.ics.evry=3", "++hydra.job.chdir=false", "norm=batchnorm", "++norm.eps=1e-3"]
     check_added_keys_as_train_does(*overrides)  # probes: check_config's to refuse
+    check_added_keys_as_train_does("+experiment@_global_=dln_bn")  # where the experiment puts itself: refused before
+
+
+@pytest.mark.parametrize("overrides, unread", [
+    (["+norm@model.norm=batchnorm"], "(model.norm.name, model.norm.kind, model.norm.eps, model.norm.momentum, "
+                                     "model.norm.noise); norm=batchnorm chooses the run's norm"),
+    (["+optim@model=sgd"], "(model.lr, model.momentum, model.weight_decay,"),  # into a section there is: its new keys
+])
+def test_a_groups_config_put_where_nothing_reads_it_is_refused(overrides, unread):
+    """Hydra refuses norm@model.norm=batchnorm and suggests +norm@model.norm=batchnorm: the run would train
+    with its own norm (none), its config.yaml showing BatchNorm's settings under model.norm."""
+    with pytest.raises(ConfigError) as err:
+        check_added_keys_as_train_does(*overrides)
+    group, package = overrides[-1][1:].split("=")[0].split("@")
+    assert str(err.value).startswith(f"{group}@{package}=")
+    message = str(err.value)
+    assert f"it puts {group} config " in message and f" at {package}, where nothing reads its settings {unread}" in message
 
 
 @pytest.mark.parametrize("overrides, sweep", [

@@ -250,16 +250,26 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str], groups: Iterable
     and nothing reads a key the configs do not have, so the value would be ignored (``+optim.lrr=0.1``: the
     fix Hydra suggests when ``optim.lrr=0.1`` is refused). ``++key=value`` sets a key the config has and adds
     one it lacks: refused where the config that ``compose`` (overrides -> config) gives without it lacks it.
-    A ``+`` that adds a config group (``+experiment=...``) or a Hydra setting is fine; added probe settings
-    have their own check."""
+    So is ``+norm@model.norm=batchnorm`` (what Hydra suggests for ``norm@model.norm=...``): it puts a group's
+    config where nothing reads it, and the run keeps its own norm. A ``+`` that adds a config group
+    (``+experiment=...``) or a Hydra setting is fine; added probe settings have their own check."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    checked = [o for o in parsed
-               if o.key_or_group not in groups and o.key_or_group.split(".")[0] not in ("hydra", "probes")]
-    added = [o for o in checked if o.is_add()]
-    set_or_added = [o for o in checked if o.is_force_add()]
-    if set_or_added:
-        without = compose([text for text, o in zip(overrides, parsed) if o not in set_or_added])
+    groups = {group.split("@")[0] for group in groups}  # Hydra names one placed with a package "norm@model.norm"
+    checked = [o for o in parsed if o.key_or_group.split(".")[0] not in ("hydra", "probes")]
+    added = [o for o in checked if o.is_add() and o.key_or_group not in groups]
+    set_or_added = [o for o in checked if o.is_force_add() and o.key_or_group not in groups]
+    placed = [o for o in checked if o.is_add() and o.key_or_group in groups and o.package not in (None, "", "_global_")]
+    if set_or_added or placed:
+        without = compose([text for text, o in zip(overrides, parsed) if o not in set_or_added + placed])
         added += [o for o in set_or_added if not _has_key(without, o.key_or_group)]
+        for override in placed:
+            group, package = override.key_or_group, override.package
+            unread = [k for k in _leaf_keys(cfg) if f"{k}.".startswith(f"{package}.") and not _has_key(without, k)]
+            if unread:
+                name = override.get_value_element_as_str()
+                raise ConfigError(f"{group}@{package}", name, f"it puts {group} config {name} at {package}, where "
+                                  f"nothing reads its settings ({', '.join(unread)}); {group}={name} chooses "
+                                  f"the run's {group}")
     for override in added:
         key = override.key_or_group
         known = [k for k in _leaf_keys(cfg) if k != key and not k.startswith(f"{key}.")]
