@@ -136,6 +136,23 @@ def test_quadratic_along_a_given_direction(batched):
 
 
 @pytest.mark.parametrize("batched", [False, True])
+def test_a_direction_scaled_to_the_gradient_moves_by_the_gradients_length(batched):
+    """``scale_to_gradient=True``: the quadratic's closed form along d ||g|| / ||d||, whatever d's length."""
+    a, w, _, _ = quadratic(seed=1)
+    d = torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    g = a @ w
+    at_length = d * g.norm() / d.norm()
+    result = probe_landscape(Quadratic(a, w), loss_is_output, BATCH, ETAS, direction=[7 * d], batched=batched,
+                             scale_to_gradient=True)
+    for k, eta in enumerate(ETAS):
+        moved = w - eta * at_length
+        assert result["loss"][k] == pytest.approx(float(0.5 * moved @ a @ moved), rel=1e-12)
+        assert result["grad_diff"][k] == pytest.approx(float(eta * (a @ at_length).norm()), rel=1e-10)
+    assert result["beta"] == pytest.approx(float((a @ d).norm() / d.norm()), rel=1e-10)  # beta: d's, not its length's
+    assert result["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("batched", [False, True])
 def test_at_a_stationary_point_nothing_moves_and_beta_is_undefined(batched):
     """At w = 0 the quadratic's gradient is 0: every eta evaluates w itself (loss 0, gradient unchanged) and
     beta, a ratio over ||eta g|| = 0, is NaN, not a ZeroDivisionError that would end the training run.
@@ -609,29 +626,44 @@ def test_grad_fields_give_the_same_answer_as_computing_the_gradient():
         probe_landscape(model, loss_fn, batch, [0.1], use_grad_fields=True)
 
 
-def test_the_loops_random_direction_has_the_gradients_norm_and_is_drawn_per_seed_and_step():
-    """``probes.landscape.direction=random``: a Gaussian direction scaled to ||g||, a function of (seed,
-    step) alone (global random state untouched), so each measured step gets its own and a rerun the same."""
+def test_the_loops_random_direction_is_drawn_per_seed_and_step():
+    """``probes.landscape.direction=random``: a Gaussian direction, a function of (seed, step) alone (global
+    random state untouched), so each measured step gets its own and a rerun the same."""
     model, loss_fn, batch = small_problem("mlp", "batchnorm")
-    loss_fn(model(batch[0]), batch[1]).backward()
-    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
 
     def direction(seed, step):
-        probe = LandscapeProbe(model, loss_fn, lambda *a, **k: None, [0.1], 1, "random", seed)
-        return [t.double() for t in probe.random_direction(step)]
+        return LandscapeProbe(model, loss_fn, lambda *a, **k: None, [0.1], 1, "random", seed).random_direction(step)
 
     rng = torch.get_rng_state()
     first = direction(3, 100)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert math.sqrt(sum(float(t.pow(2).sum()) for t in first)) == pytest.approx(grad_norm, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(first, direction(3, 100)))
     for other in (direction(3, 200), direction(4, 100)):
         assert not any(torch.equal(a, b) for a, b in zip(first, other))
-    # a parameter without .grad (the loss does not reach it) counts as a zero gradient, as in the measurement
-    without = next(model.parameters())
-    without.grad = None
-    grad_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
-    assert math.sqrt(sum(float(t.pow(2).sum()) for t in direction(3, 100))) == pytest.approx(grad_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_the_loops_random_direction_has_the_length_of_the_gradient_it_is_compared_with(reuse):
+    """Scaled to ||g|| of the measurement's own gradient: where the probe computes g afresh (the training
+    pass ran in TF32 or compiled), not to the ``.grad`` that pass left, here twice the gradient."""
+    model, loss_fn, batch = small_problem("mlp", "batchnorm")
+    loss_fn(model(batch[0]), batch[1]).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    if not reuse:
+        for p in model.parameters():
+            p.grad.mul_(2)
+    rows = {}
+    probe = LandscapeProbe(model, loss_fn, lambda step, name, value, eta=None: rows.setdefault((name, eta), value),
+                           [0.05, 0.2], 1, "random", 3, reuse_training_gradient=reuse)
+    probe.after_backward(7, batch)
+    d = probe.random_direction(7)
+    scale = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g) / sum(float(t.double().pow(2).sum()) for t in d))
+    model.zero_grad(set_to_none=True)
+    expected = probe_landscape(model, loss_fn, batch, [0.05, 0.2], direction=[t * scale for t in d])
+    for eta, loss, diff in zip(expected["eta"], expected["loss"], expected["grad_diff"]):
+        assert rows["landscape/loss", eta] == pytest.approx(loss, rel=1e-6)
+        assert rows["landscape/grad_diff", eta] == pytest.approx(diff, rel=1e-5)
+    assert rows["landscape/grad_norm", None] == pytest.approx(expected["grad_norm"], rel=1e-6)
 
 
 def test_the_loops_landscape_rows_are_the_probes_results():

@@ -48,10 +48,13 @@ def probe_landscape(
     use_grad_fields: bool = False,
     batched: bool | str = "auto",
     rng_state: RandomState | None = None,
+    scale_to_gradient: bool = False,
 ) -> dict:
     """Loss, gradient predictiveness and effective beta along ``-direction`` (default: the gradient).
 
-    ``direction`` is one tensor per parameter with ``requires_grad``, in ``model.parameters()`` order.
+    ``direction`` is one tensor per parameter with ``requires_grad``, in ``model.parameters()`` order;
+    with ``scale_to_gradient=True`` it is taken at the length of g, the gradient this call measures (a
+    random direction of the gradient's norm).
     With ``use_grad_fields=True`` the gradient g is read from ``.grad`` (as left by ``loss.backward()`` on
     this batch) instead of being computed; ``rng_state`` as for :func:`bnopt.probes.measure_ics`. A pure
     observation, like :func:`bnopt.probes.measure_ics`.
@@ -85,6 +88,8 @@ def probe_landscape(
             reason = _unbatchable(model, params, draws)
             if reason:
                 raise ValueError(f"batched=True, but {reason}: use batched=False, or 'auto'")
+        if direction is not None and scale_to_gradient:
+            direction = _scaled_to(direction, g)
         d = g if direction is None else direction
         evaluate = _evaluate_batched if batched else _evaluate_loop
         losses, diff_norms = evaluate(model, loss_fn, batch, obs, named, g, d, etas)
@@ -93,6 +98,13 @@ def probe_landscape(
     grad_norm, d_norm = norms[0], norms[-1]
     beta = _effective_beta(grad_diff, etas, d_norm)
     return {"eta": etas, "loss": losses, "grad_diff": grad_diff, "beta": beta, "grad_norm": grad_norm}
+
+
+def _scaled_to(direction: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``direction`` at the length of ``g``, both lengths summed in float64."""
+    g_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in g))
+    d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in direction))
+    return [t * (g_norm / d_norm).to(t.dtype) for t in direction]
 
 
 def _unbatchable(model: nn.Module, params: list[nn.Parameter], draws: bool) -> str | None:

@@ -19,7 +19,7 @@ from bnopt.models import ChainModel
 from bnopt.probes.activations import ActivationRecorder
 from bnopt.probes.ics import measure_ics
 from bnopt.probes.landscape import probe_landscape
-from bnopt.probes.observation import RandomState, random_state, zeros_where_missing
+from bnopt.probes.observation import RandomState, random_state
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
@@ -107,19 +107,17 @@ class LandscapeProbe(GradientProbe):
         self.etas, self.direction, self.seed, self.batched = list(etas), direction, seed, batched
 
     def random_direction(self, step: int) -> list[torch.Tensor]:
+        """The step's Gaussian direction, before the measurement scales it to its gradient's length (which
+        is not the ``.grad`` of a training pass that computed otherwise, in TF32 or compiled)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(derived_seed(self.seed, "landscape-direction", step))
-        d = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
-        grads = zeros_where_missing([p.grad for p in params], params)  # as the measurement takes g
-        grad_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-        d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in d))
-        return [t * (grad_norm / d_norm).to(t.dtype) for t in d]
+        return [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
 
     def after_backward(self, step, batch):
         direction = self.random_direction(step) if self.direction == "random" else None
         result = probe_landscape(self.model, self.loss_fn, batch, self.etas, direction,
                                  use_grad_fields=self.reuse_training_gradient, batched=self.batched,
-                                 rng_state=self.forward_state)
+                                 rng_state=self.forward_state, scale_to_gradient=True)
         for eta, loss, diff in zip(result["eta"], result["loss"], result["grad_diff"]):
             self.log(step, "landscape/loss", loss, eta=eta)
             self.log(step, "landscape/grad_diff", diff, eta=eta)
