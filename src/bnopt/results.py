@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
-from bnopt.rundir import FINISHED, METRICS_HEADER
+from bnopt.rundir import FINISHED, METRICS_HEADER, record_lost
 from bnopt.runlock import status_now
 
 Warn = Callable[[str], None]
@@ -118,11 +118,9 @@ def read_run(directory: Path) -> Run:
         summary = {}  # a run killed before its first summary: its metrics still count
     if not isinstance(summary, dict):  # JSON, but no summary: read as a missing one is
         summary = {}
-    written = summary.get("metrics_rows")  # absent from summaries written before 2026-12-01
-    if summary.get("status") in FINISHED and isinstance(written, int) and len(metrics) != written:
-        raise RunReadError(f"{directory / 'metrics.csv'}: {len(metrics)} rows where the run, {summary['status']}, "
-                           f"wrote {written}: part of its record is lost (a copy cut short?); move the run away and run "
-                           f"its command again")
+    lost = record_lost(summary, len(metrics))
+    if lost:
+        raise RunReadError(f"{directory / 'metrics.csv'}: {lost}; move the run away and run its command again")
     return Run(directory, with_keys_added_later(config), metrics, summary)
 
 

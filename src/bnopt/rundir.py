@@ -103,6 +103,17 @@ def _well_formed(fields: list[str]) -> bool:
     return step.isdigit() and bool(name) and (layer == "" or layer.isdigit())
 
 
+def record_lost(summary: dict, rows: int) -> str | None:
+    """Why a ``metrics.csv`` of ``rows`` rows is not the record that ``summary``'s finished run wrote (a copy
+    cut short at a line's end leaves only well-formed rows), or None where it is, where the run has not
+    finished (a resume may still add rows) or where the summary predates the count (2026-12-01)."""
+    written = summary.get("metrics_rows")
+    if summary.get("status") in FINISHED and isinstance(written, int) and rows != written:
+        return (f"{rows} rows where the run, {summary['status']}, wrote {written}: part of its record is lost "
+                f"(a copy cut short?)")
+    return None
+
+
 def final_values(rows: list[list[str]]) -> dict[str, float]:
     """The last ``train/*`` and ``test/*`` value of each metric in ``rows``: a summary's ``final``."""
     return {name: float(value) for _, name, value, _, _ in rows if name.startswith(FINAL_PREFIXES)}

@@ -37,7 +37,8 @@ from bnopt.norms import NoisyNorm, draws_left_eager, set_noise_step
 from bnopt.probes import ActivationProbe, build_probes
 from bnopt.probes.activations import histogram_steps
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import FINISHED, MetricsWriter, RunDirectory, final_values, git_commit, metric_rows
+from bnopt.rundir import (FINISHED, MetricsWriter, RunDirectory, final_values, git_commit, metric_rows,
+                          record_lost)
 from bnopt.seeding import seed_everything
 
 # A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
@@ -369,12 +370,11 @@ def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
 def warn_if_record_lost(run: RunDirectory, summary: dict) -> None:
     """Name a finished run whose ``metrics.csv`` no longer holds the rows it wrote (a copy cut short): its
     command finds it finished and does not train it again, and the figures and the report skip it, so the
-    one command a user would try says what to do. Summaries from before the count was kept are not checked."""
-    written, kept = summary.get("metrics_rows"), len(metric_rows(run.metrics))
-    if isinstance(written, int) and kept != written:
-        logger.warning("%s holds %d rows where the run, %s, wrote %d: part of its record is lost (a copy cut "
-                       "short?), and the figures and the report skip it. Move the run away and run this command "
-                       "again", run.metrics, kept, summary["status"], written)
+    one command a user would try says what to do."""
+    lost = record_lost(summary, len(metric_rows(run.metrics)))
+    if lost:
+        logger.warning("%s holds %s, and the figures and the report skip it. Move the run away and run this "
+                       "command again", run.metrics, lost)
 
 
 def check_record_kept(run: RunDirectory, checkpoint: dict, resolved: dict) -> None:
