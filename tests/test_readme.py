@@ -2,6 +2,8 @@
 
 import ast
 import re
+import subprocess
+import sys
 
 import torch
 
@@ -24,3 +26,20 @@ def test_readme_library_example_runs_on_a_foreign_model(capsys):
     land = namespace["land"]
     assert len(land["loss"]) == len(land["grad_diff"]) == 4 and land["beta"] > 0
     assert isinstance(namespace["model"], torch.nn.Sequential)  # not one of bnopt's models
+
+
+# What a training run needs and the measurements do not: the config system, data sets, tables and plots
+# (not tqdm: torch itself imports it where it is installed).
+NOT_FOR_THE_LIBRARY = ("hydra", "omegaconf", "torchvision", "pandas", "matplotlib")
+
+
+def test_readme_library_example_imports_nothing_of_the_training_stack(tmp_path):
+    """``bnopt.probes`` is a library for anyone's model: the README's example, run in a fresh interpreter,
+    imports none of the training run's packages, so it runs where they are not installed."""
+    script = tmp_path / "example.py"
+    script.write_text(readme_example() + "import sys\nimport bnopt.probes.loop\n"
+                      f"print(sorted({{m.partition('.')[0] for m in sys.modules}} & {set(NOT_FOR_THE_LIBRARY)!r}))\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "{'layer': 2" in result.stdout and result.stdout.splitlines()[-1] == "[]"

@@ -615,14 +615,12 @@ def test_a_checkpoint_reaches_the_disk_after_the_record_it_counts(tmp_path, monk
     """After a node crash the checkpoint must not be there without the rows and histograms before it (the
     resume would refuse the run), nor be an empty file: each is synced before the rename that publishes the
     checkpoint, and the directory after it."""
-    import bnopt.rundir
-
     synced = []
 
     def fsync(fd):
         synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
 
-    monkeypatch.setattr(bnopt.rundir.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     train_run(tmp_path, "+experiment=dln_bn", "scale=smoke", "probes=[activations]", "train.checkpoint_every=10")
     checkpoints = [i for i, name in enumerate(synced) if name == "checkpoint.pt.tmp"]
     assert len(checkpoints) == 3  # steps 10, 20 and the end, 30

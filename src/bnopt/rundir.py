@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bnopt.durable import atomic_write_text, replace_durably
 from bnopt.runlock import CHECKPOINT_FILE, LOCK_FILE, LockHeldError, held
 
 METRICS_HEADER = "step,name,value,layer,eta"
@@ -58,7 +59,7 @@ class MetricsWriter:
             # A resumed run's summary must end with the same values as if it had never stopped, also when
             # no train/* row falls between the checkpoint and the end.
             kept = metric_rows(path, before_step=keep_before_step)
-            _atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
+            atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
             self.last, self.rows = final_values(kept), len(kept)
         else:
             path.write_text(METRICS_HEADER + "\n")
@@ -119,34 +120,6 @@ def final_values(rows: list[list[str]]) -> dict[str, float]:
     return {name: float(value) for _, name, value, _, _ in rows if name.startswith(FINAL_PREFIXES)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    replace_durably(tmp, path)
-
-
-def replace_durably(tmp: Path, path: Path) -> None:
-    """``os.replace(tmp, path)`` with ``tmp``'s data on disk first and the rename after: a node that crashes
-    then leaves the old file or the new one, not an empty one (a rename may reach the disk before the data)."""
-    with open(tmp, "rb") as written:
-        os.fsync(written.fileno())
-    os.replace(tmp, path)
-    _sync_directory(path.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # a platform or file system that cannot open a directory: the rename is as durable as it gets
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass  # some network file systems refuse to sync a directory
-    finally:
-        os.close(handle)
-
-
 def _json_safe(value: Any) -> Any:
     """JSON has no NaN or infinity: write them as strings."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -191,14 +164,14 @@ class RunDirectory:
             raise OutputDirError(f"output directory {self.path} is not writable ({err.strerror})") from err
 
     def write_config(self, cfg: DictConfig) -> None:
-        _atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(self.config, OmegaConf.to_yaml(cfg, resolve=True))
 
     def read_config(self) -> dict:
         """``config.yaml`` as a plain dict (it is written resolved)."""
         return OmegaConf.to_container(OmegaConf.load(self.config))
 
     def write_summary(self, summary: dict) -> None:
-        _atomic_write_text(self.summary, json.dumps(_json_safe(summary), indent=2) + "\n")
+        atomic_write_text(self.summary, json.dumps(_json_safe(summary), indent=2) + "\n")
 
     def read_summary(self) -> dict | None:
         """The summary, or None if it is missing or unreadable (cut short, or JSON that is not an object)."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bnopt.models import ChainModel
-from bnopt.rundir import replace_durably
+from bnopt.durable import replace_durably
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]

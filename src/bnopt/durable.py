@@ -1,0 +1,37 @@
+"""Writes that a crash cannot leave half done: a file is the old one or the new one, never an empty one.
+Free of Hydra and OmegaConf, so that ``bnopt.probes`` (whose activation recorder saves with it) imports
+without them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """``os.replace(tmp, path)`` with ``tmp``'s data on disk first and the rename after: a node that crashes
+    then leaves the old file or the new one, not an empty one (a rename may reach the disk before the data)."""
+    with open(tmp, "rb") as written:
+        os.fsync(written.fileno())
+    os.replace(tmp, path)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # a platform or file system that cannot open a directory: the rename is as durable as it gets
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some network file systems refuse to sync a directory
+    finally:
+        os.close(handle)
