@@ -352,6 +352,22 @@ def test_jobs_that_write_the_index_at_once_both_finish(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "index.csv"]  # nor after a failure
 
 
+def test_the_index_reaches_the_disk_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    """A node that crashes just after a sweep wrote its index must leave the old index or the new one, not
+    an empty file: the index's data is synced before its rename, and the directory after."""
+    run = tmp_path / "0"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "completed", "steps": 3, "job": {"num": 0, "overrides": []}}')
+    events = []
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", Path(dst))), replace(src, dst)))
+    sweeps.write_index(tmp_path)
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].parent == tmp_path and events[0][1].name.startswith("index.csv.")  # the temporary file
+    assert events[1:] == [("replace", tmp_path / "index.csv"), ("fsync", tmp_path)]
+
+
 def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
     """A summary from before it recorded the job (our committed runs): Hydra's .hydra/ names the last command
     started in the directory, here another figure's sweep that found the shared run finished, not the one

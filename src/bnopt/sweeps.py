@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnopt.config_history import with_keys_added_later
+from bnopt.durable import replace_durably
 from bnopt.runlock import killed_error, status_now
 
 FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
@@ -204,7 +205,7 @@ def write_index(sweep_dir: Path, warn=print) -> Path | None:
             writer.writerows(rows := index_rows(sweep_dir, warn))
         if not rows:
             return None
-        os.replace(tmp, path)
+        replace_durably(tmp, path)  # the index of a cluster sweep outlives a node that crashes after it
     finally:
         tmp.unlink(missing_ok=True)  # left by a failure; gone already after the rename
     return path

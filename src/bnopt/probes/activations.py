@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bnopt.models import ChainModel
 from bnopt.durable import replace_durably
+from bnopt.models import ChainModel
 from bnopt.seeding import derived_seed
 
 Log = Callable[..., None]
