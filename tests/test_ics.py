@@ -5,6 +5,7 @@ import copy
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -170,6 +171,13 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     assert measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[]) == []
     with pytest.raises(IndexError, match="3 layers"):
         measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=[3])
+    numpy_and_torch_ints = measure_ics(model, sum_squares, batch, optimizer, model.layers(),
+                                       which=iter([np.int64(2), torch.tensor(1)]))
+    assert [r["layer"] for r in numpy_and_torch_ints] == [1, 2] and all(type(r["layer"]) is int
+                                                                        for r in numpy_and_torch_ints)
+    for not_indices in (1, [True], [1.0], [torch.tensor(1.0)], "12"):  # True was measured as layer `True`
+        with pytest.raises(TypeError, match=r"`which` is a list of layer indices \(0-based ints\)"):
+            measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=not_indices)
     with pytest.raises(ValueError, match="`layers` is empty"):
         measure_ics(model, sum_squares, batch, optimizer, [])
     with pytest.raises(ValueError, match=r"layers \[1\] \(0-based\) hold no parameters"):

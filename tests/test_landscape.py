@@ -214,6 +214,10 @@ def test_bad_arguments_are_refused():
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.zeros(3)])
     with pytest.raises(ValueError, match="one tensor per trainable parameter"):  # a state dict's keys are names
         probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction={"w": torch.zeros_like(w)})
+    for length in (0.0, math.inf, math.nan):  # no length to change (it would give NaN everywhere, silently)
+        with pytest.raises(ValueError, match=rf"direction has length {length}: scale_to_gradient=True needs"):
+            probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.full_like(w, length)],
+                            scale_to_gradient=True)
     frozen = Quadratic(a, w).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         probe_landscape(frozen, loss_is_output, BATCH, [0.1])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -92,7 +93,7 @@ def ics_gradients(
     empty = [i for i, layer in enumerate(layers) if not layer]
     if empty:
         raise ValueError(f"layers {empty} (0-based) hold no parameters: each layer is a list of its parameters")
-    which = list(range(len(layers))) if which is None else sorted(set(which))
+    which = list(range(len(layers))) if which is None else _layer_indices(which)
     for i in which:
         if not 0 <= i < len(layers):
             raise IndexError(f"layer index {i} out of range: `layers` has {len(layers)} layers (0-based)")
@@ -211,6 +212,19 @@ def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> 
         starts.append(min(found))
         previous_end = max(found)
     return starts
+
+
+def _layer_indices(which) -> list[int]:
+    """``which`` as sorted, distinct ints; numpy's and torch's integers count, True does not (it would be
+    measured, and reported, as layer ``True``)."""
+    try:
+        items = list(which)
+        indices = sorted({operator.index(i) for i in items})
+    except TypeError:  # not iterable, or an item that is not an integer
+        items = None
+    if items is None or any(isinstance(i, bool) for i in items):
+        raise TypeError(f"`which` is a list of layer indices (0-based ints), e.g. [0, 2]; got {which!r}")
+    return indices
 
 
 def _shifted_gradients_any(model, loss_fn, batch, obs, layers, which, updated) -> dict[int, list]:

@@ -104,6 +104,9 @@ def _scaled_to(direction: list[torch.Tensor], g: list[torch.Tensor]) -> list[tor
     """``direction`` at the length of ``g``, both lengths summed in float64."""
     g_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in g))
     d_norm = torch.sqrt(sum(t.double().pow(2).sum() for t in direction))
+    if not 0 < d_norm < math.inf:  # a zero direction has no length to change: every number would be NaN
+        raise ValueError(f"direction has length {float(d_norm)}: scale_to_gradient=True needs a nonzero, finite "
+                         "direction to take at the gradient's length")
     return [t * (g_norm / d_norm).to(t.dtype) for t in direction]
 
 
