@@ -178,6 +178,10 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     for not_indices in (1, [True], [1.0], [torch.tensor(1.0)], "12"):  # True was measured as layer `True`
         with pytest.raises(TypeError, match=r"`which` is a list of layer indices \(0-based ints\)"):
             measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=not_indices)
+    for loss_fn, got in ((lambda out, target: sum_squares(out, target).item(), "a float"),  # torch: "not iterable"
+                         (lambda out, target: 0.5 * (out - target).pow(2), r"a tensor of shape \(\d+, \d+\)")):
+        with pytest.raises(TypeError, match=f"must return the loss as a one-element tensor.*; got {got}$"):
+            measure_ics(model, loss_fn, batch, optimizer, model.layers())
     with pytest.raises(ValueError, match="`layers` is empty"):
         measure_ics(model, sum_squares, batch, optimizer, [])
     with pytest.raises(ValueError, match=r"layers \[1\] \(0-based\) hold no parameters"):

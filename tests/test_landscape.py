@@ -218,6 +218,10 @@ def test_bad_arguments_are_refused():
         with pytest.raises(ValueError, match=rf"direction has length {length}: scale_to_gradient=True needs"):
             probe_landscape(Quadratic(a, w), loss_is_output, BATCH, [0.1], direction=[torch.full_like(w, length)],
                             scale_to_gradient=True)
+    for loss_fn, got in ((lambda out, targets: out.item(), "a float"), (lambda out, targets: out.repeat(3),
+                                                                       r"a tensor of shape \(3,\)")):
+        with pytest.raises(TypeError, match=f"must return the loss as a one-element tensor.*; got {got}$"):
+            probe_landscape(Quadratic(a, w), loss_fn, BATCH, [0.1])
     frozen = Quadratic(a, w).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         probe_landscape(frozen, loss_is_output, BATCH, [0.1])

@@ -240,7 +240,12 @@ def loss_at(model: nn.Module, loss_fn, batch, obs: Observation) -> torch.Tensor:
     """The training loss on ``batch`` (with the random state rewound, as for every pass)."""
     inputs, targets = batch
     obs.replay()
-    return loss_fn(model(inputs), targets)
+    loss = loss_fn(model(inputs), targets)
+    if not (torch.is_tensor(loss) and loss.numel() == 1):  # torch's own words (a float "is not iterable") hide it
+        got = f"a tensor of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else f"a {type(loss).__name__}"
+        raise TypeError("loss_fn(model(inputs), targets) must return the loss as a one-element tensor, which the "
+                        f"probes differentiate; got {got}")
+    return loss
 
 
 def current_gradient(model, loss_fn, batch, obs: Observation, params: Sequence[nn.Parameter],
