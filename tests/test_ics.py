@@ -163,7 +163,7 @@ def test_ics_matches_hand_computed_gradients(linear_problem, name, make_optimize
     assert measured[2]["l2"] > 1e-3  # and the shift is real further up
 
 
-def test_which_selects_layers_and_checks_indices(linear_problem):
+def test_which_selects_layers_and_bad_arguments_are_refused(linear_problem):
     w, (batch, _) = linear_problem
     model = ThreeLinear(w)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -178,6 +178,12 @@ def test_which_selects_layers_and_checks_indices(linear_problem):
     for not_indices in (1, [True], [1.0], [torch.tensor(1.0)], "12"):  # True was measured as layer `True`
         with pytest.raises(TypeError, match=r"`which` is a list of layer indices \(0-based ints\)"):
             measure_ics(model, sum_squares, batch, optimizer, model.layers(), which=not_indices)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)  # torch: "no attribute 'param_groups'"
+    with pytest.raises(TypeError, match=r"the torch.optim.Optimizer that trains the model; got a StepLR \(it holds "
+                                        r"one: pass its .optimizer\)$"):
+        measure_ics(model, sum_squares, batch, scheduler, model.layers())
+    with pytest.raises(TypeError, match=r"the torch.optim.Optimizer that trains the model; got a dict$"):
+        measure_ics(model, sum_squares, batch, optimizer.state_dict(), model.layers())
     for loss_fn, got in ((lambda out, target: sum_squares(out, target).item(), "a float"),  # torch: "not iterable"
                          (lambda out, target: 0.5 * (out - target).pow(2), r"a tensor of shape \(\d+, \d+\)")):
         with pytest.raises(TypeError, match=f"must return the loss as a one-element tensor.*; got {got}$"):

@@ -109,6 +109,11 @@ def ics_gradients(
         raise ValueError(f"layers {foreign} (0-based) hold parameters that are not the model's "
                          "(from a copy of it, or another model?)")
     params = [p for layer in layers for p in layer]
+    if not isinstance(optimizer, torch.optim.Optimizer):  # its step is simulated through Optimizer's internals
+        held = " (it holds one: pass its .optimizer)" if isinstance(getattr(optimizer, "optimizer", None),
+                                                                   torch.optim.Optimizer) else ""
+        raise TypeError("optimizer is the torch.optim.Optimizer that trains the model; got a "
+                        f"{type(optimizer).__name__}{held}")
     stepped = dict.fromkeys(optimizer_parameters(optimizer))  # a set in the optimiser's order
     if not any(p in stepped for p in params):
         raise ValueError("the optimiser holds none of the parameters in `layers` (is it another model's, or "
