@@ -263,6 +263,25 @@ def test_an_optimiser_that_needs_a_closure_is_refused_before_anything_runs(linea
         measure_ics(model, lambda *_: pytest.fail("a loss was evaluated"), batch, optimizer, model.layers())
 
 
+def test_layers_out_of_forward_order_are_refused_in_a_chain():
+    """In a chain the probe sees the order in which the forward pass meets the layers. Listed out of it, the
+    general path measured each layer's shift from the step of layers *after* it: plausible numbers of another
+    quantity than ICS. Interleaved layers (one whose parameters lie around another's) are not out of order:
+    they take the general path, as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    linears = [list(model[k].parameters()) for k in (0, 2, 4)]
+    for order, early, late in (((2, 1, 0), 1, 0), ((1, 0, 2), 1, 0), ((0, 2, 1), 2, 1)):
+        with pytest.raises(ValueError, match=rf"not in forward order: layer {early} \(0-based\) runs entirely "
+                                             rf"before layer {late}, listed ahead of it"):
+            measure_ics(model, nn.functional.cross_entropy, batch, optimizer, [linears[k] for k in order])
+    interleaved = [[model[0].weight, model[4].weight], linears[1]]
+    assert measure_ics(model, nn.functional.cross_entropy, batch, optimizer, interleaved) == measure_ics(
+        HiddenChain(model), nn.functional.cross_entropy, batch, optimizer, interleaved)
+
+
 def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():
     """float32, out = W2 W1 x, L = out_0 - out_1: the loss is 6e28, but G of W2 is h_0 - h_1 = 6e38, past
     float32's range, so G and G' hold inf: ||G - G'|| and cos(G, G') are NaN (min/max clipping made -1)."""
@@ -546,9 +565,10 @@ def sequential_layers(m: nn.Sequential) -> list[list[nn.Parameter]]:
             list(m[11].parameters())]
 
 
-def reversed_layers(m: nn.Sequential) -> list[list[nn.Parameter]]:
-    """Layers not in forward order: "before layer i" is then not a prefix of the network."""
-    return sequential_layers(m)[::-1]
+def interleaved_layers(m: nn.Sequential) -> list[list[nn.Parameter]]:
+    """The first layer holds the head too: "before layer i" is then not a prefix of the network's stages."""
+    first, *middle, head = sequential_layers(m)
+    return [first + head, *middle]
 
 
 def double_the_output(module, inputs, output):
@@ -562,17 +582,18 @@ class TripledSequential(nn.Sequential):
         return 3 * super().forward(x)
 
 
-@pytest.mark.parametrize("variant", ["plain", "reversed layers", "hooked container", "subclass with its own forward"])
+@pytest.mark.parametrize("variant", ["plain", "interleaved layers", "hooked container",
+                                     "subclass with its own forward"])
 def test_sequential_models_are_bit_for_bit_the_naive_scheme(variant):
     """An nn.Sequential takes the shared-prefix path, which must give the naive scheme's G and G' exactly:
     the dropout masks differ between draws, so this holds only if every suffix starts from the random
-    state a full pass has there. Layers out of forward order, or a hook on the container (which calling
-    the stages one by one would skip), or a subclass with its own forward, must send it down the general path
-    and still be exact."""
+    state a full pass has there. Interleaved layers, or a hook on the container (which calling the stages
+    one by one would skip), or a subclass with its own forward, must send it down the general path and
+    still be exact."""
     model = small_sequential()
     if variant == "subclass with its own forward":
         model = TripledSequential(*model)
-    layers_of = reversed_layers if variant == "reversed layers" else sequential_layers
+    layers_of = interleaved_layers if variant == "interleaved layers" else sequential_layers
     if variant == "hooked container":
         model.register_forward_hook(double_the_output)
     loss_fn = nn.functional.cross_entropy
@@ -738,10 +759,12 @@ def test_work_of_each_scheme_in_closed_form():
     assert products(model) == depth**2 - 1 + step
     assert products(HiddenChain(model), use_grad_fields=True) == 3 * depth * (depth - 1) / 2
     assert products(model, which=[3], use_grad_fields=True) == 3 + 2 * (depth - 3)  # prefix, suffix, backward
-    # The same chain as an nn.Sequential (partly nested) takes the same path. With the layers listed in
-    # reverse it takes the general one: for index i, the whole net forward and a backward to linear K-1-i.
+    # The same chain as an nn.Sequential (partly nested) takes the same path. With the first layer holding
+    # the last linear too it takes the general one: for index i (linear i), the whole net forward and a
+    # backward to linear i (its weight gradient and the K-1-i input gradients after it).
     linears = [block.weight for block in model.blocks]
     sequential = nn.Sequential(*linears[:2], nn.Sequential(*linears[2:]))
     assert products(sequential, use_grad_fields=True) == depth**2 - 1
-    assert products(sequential, layers=model.layer_params()[::-1], use_grad_fields=True) == sum(
-        depth + 1 + i for i in range(1, depth))
+    first, *middle, last = model.layer_params()
+    assert products(sequential, layers=[first + last, *middle], use_grad_fields=True) == sum(
+        depth + depth - i for i in range(1, depth - 1))

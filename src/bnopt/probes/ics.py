@@ -49,7 +49,8 @@ def measure_ics(
     """ICS (Definition 2.1) of each layer in ``which`` (0-based indices into ``layers``; default all; in
     ascending order, each once).
 
-    ``layers`` is the model's parameters grouped by layer, in forward order. ``loss_fn(model(inputs),
+    ``layers`` is the model's parameters grouped by layer, in forward order (refused out of it where the
+    model is a chain, which shows the order). ``loss_fn(model(inputs),
     targets)`` is the scalar training loss. The optimiser is stepped for real to obtain W(t+1), then put
     back (its step hooks do not run). With ``use_grad_fields=True`` the current gradient is read from
     ``.grad`` (as left by ``loss.backward()`` on this batch, between backward and step) instead of being
@@ -203,20 +204,29 @@ def _stages(model: nn.Module) -> list[nn.Module] | None:
 def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> list[int] | None:
     """The stage where each layer begins, if every layer's parameters lie in stages after the previous
     layer's (so that the stages before layer i hold no parameter of a later layer); None otherwise, or if a
-    parameter is shared between stages or used by none."""
+    parameter is shared between stages or used by none. A layer that runs entirely before one listed ahead
+    of it is refused: the layers are out of order, and every number would be another quantity than ICS."""
     stage_of: dict[nn.Parameter, int] = {}
     for k, stage in enumerate(stages):
         for p in stage.parameters():
             if stage_of.setdefault(p, k) != k:
                 return None
-    starts, previous_end = [], -1
+    spans = []
     for layer in layers:
         found = [stage_of.get(p) for p in layer]
-        if not found or None in found or min(found) <= previous_end:
+        if None in found:
             return None
-        starts.append(min(found))
-        previous_end = max(found)
-    return starts
+        spans.append((min(found), max(found)))
+    latest_start, latest = -1, None  # the layer listed so far that starts furthest down the chain
+    for i, (start, end) in enumerate(spans):
+        if end < latest_start:  # the general path would measure it, but as a shift from a later layer
+            raise ValueError(f"`layers` is not in forward order: layer {i} (0-based) runs entirely before layer "
+                             f"{latest}, listed ahead of it; list the layers in the order the forward pass meets them")
+        if start > latest_start:
+            latest_start, latest = start, i
+    if any(start <= previous_end for (start, _), (_, previous_end) in zip(spans[1:], spans)):
+        return None  # interleaved layers: the general path's full passes
+    return [start for start, _ in spans]
 
 
 def _layer_indices(which) -> list[int]:
