@@ -263,23 +263,50 @@ def test_an_optimiser_that_needs_a_closure_is_refused_before_anything_runs(linea
         measure_ics(model, lambda *_: pytest.fail("a loss was evaluated"), batch, optimizer, model.layers())
 
 
-def test_layers_out_of_forward_order_are_refused_in_a_chain():
-    """In a chain the probe sees the order in which the forward pass meets the layers. Listed out of it, the
-    general path measured each layer's shift from the step of layers *after* it: plausible numbers of another
-    quantity than ICS. Interleaved layers (one whose parameters lie around another's) are not out of order:
+class HeadRegisteredFirst(nn.Module):
+    """A model whose children, in the order ``children()`` gives them, are not the order its forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_layers_out_of_forward_order_are_refused(linear_problem):
+    """Listed out of the order in which the forward pass meets them, each layer's "shift" was measured as
+    the shift from the steps of layers after it: plausible numbers of another quantity than ICS. A chain
+    shows the order by its stages; any model, by the autograd graph of the pass that computes G (modules or
+    plain tensor ops). Interleaved layers (one whose parameters lie around another's) are not out of order:
     they take the general path, as before."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     linears = [list(model[k].parameters()) for k in (0, 2, 4)]
-    for order, early, late in (((2, 1, 0), 1, 0), ((1, 0, 2), 1, 0), ((0, 2, 1), 2, 1)):
-        with pytest.raises(ValueError, match=rf"not in forward order: layer {early} \(0-based\) runs entirely "
-                                             rf"before layer {late}, listed ahead of it"):
-            measure_ics(model, nn.functional.cross_entropy, batch, optimizer, [linears[k] for k in order])
+    for measured in (model, HiddenChain(model)):  # the chain's stages, and the graph
+        for order, early, late in (((2, 1, 0), 1, 0), ((1, 0, 2), 1, 0), ((0, 2, 1), 2, 1)):
+            with pytest.raises(ValueError, match=rf"not in forward order: layer {early} \(0-based\) runs entirely "
+                                                 rf"before layer {late}, listed ahead of it"):
+                measure_ics(measured, nn.functional.cross_entropy, batch, optimizer, [linears[k] for k in order])
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    with pytest.raises(ValueError, match="not in forward order: layer 1 .* before layer 0"):  # no graph: the stages
+        measure_ics(model, nn.functional.cross_entropy, batch, optimizer, linears[::-1], use_grad_fields=True)
     interleaved = [[model[0].weight, model[4].weight], linears[1]]
     assert measure_ics(model, nn.functional.cross_entropy, batch, optimizer, interleaved) == measure_ics(
         HiddenChain(model), nn.functional.cross_entropy, batch, optimizer, interleaved)
+    custom = HeadRegisteredFirst()
+    by_registration = [list(child.parameters()) for child in custom.children()]
+    with pytest.raises(ValueError, match="not in forward order: layer 1 .* before layer 0"):
+        measure_ics(custom, nn.functional.cross_entropy, (batch[0].float(), batch[1]),
+                    torch.optim.SGD(custom.parameters(), lr=0.5), by_registration)
+    w, (linear_batch, _) = linear_problem
+    plain = ThreeLinear(w)  # parameters used by tensor ops in the model's own forward
+    with pytest.raises(ValueError, match="not in forward order: layer 2 .* before layer 1"):
+        measure_ics(plain, sum_squares, linear_batch, torch.optim.SGD(plain.parameters(), lr=0.1),
+                    [[plain.W1], [plain.W3], [plain.W2, plain.b2]])
 
 
 def test_a_gradient_that_overflows_gives_an_undefined_cosine_not_minus_one():

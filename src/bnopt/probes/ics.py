@@ -49,8 +49,8 @@ def measure_ics(
     """ICS (Definition 2.1) of each layer in ``which`` (0-based indices into ``layers``; default all; in
     ascending order, each once).
 
-    ``layers`` is the model's parameters grouped by layer, in forward order (refused out of it where the
-    model is a chain, which shows the order). ``loss_fn(model(inputs),
+    ``layers`` is the model's parameters grouped by layer, in forward order (refused out of it, where the
+    autograd graph of G or a chain's stages show the order). ``loss_fn(model(inputs),
     targets)`` is the scalar training loss. The optimiser is stepped for real to obtain W(t+1), then put
     back (its step hooks do not run). With ``use_grad_fields=True`` the current gradient is read from
     ``.grad`` (as left by ``loss.backward()`` on this batch, between backward and step) instead of being
@@ -138,7 +138,8 @@ def ics_gradients(
     listed = set(params)
     unlisted = [p for p in stepped if p not in listed and p in own and p.requires_grad]
     with observation(model, batch, rng_state=rng_state) as obs:
-        grads = current_gradient(model, loss_fn, batch, obs, params + unlisted, use_grad_fields)
+        grads = current_gradient(model, loss_fn, batch, obs, params + unlisted, use_grad_fields,
+                                 inspect_loss=lambda loss: _refuse_out_of_order(_first_uses(loss, layers)))
         updated = simulate_optimizer_step(optimizer, params + unlisted, grads)
         updated = {p: updated[p] for p in params}
         grads = grads[:len(params)]
@@ -204,8 +205,7 @@ def _stages(model: nn.Module) -> list[nn.Module] | None:
 def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> list[int] | None:
     """The stage where each layer begins, if every layer's parameters lie in stages after the previous
     layer's (so that the stages before layer i hold no parameter of a later layer); None otherwise, or if a
-    parameter is shared between stages or used by none. A layer that runs entirely before one listed ahead
-    of it is refused: the layers are out of order, and every number would be another quantity than ICS."""
+    parameter is shared between stages or used by none. Layers out of forward order are refused."""
     stage_of: dict[nn.Parameter, int] = {}
     for k, stage in enumerate(stages):
         for p in stage.parameters():
@@ -217,16 +217,52 @@ def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> 
         if None in found:
             return None
         spans.append((min(found), max(found)))
-    latest_start, latest = -1, None  # the layer listed so far that starts furthest down the chain
-    for i, (start, end) in enumerate(spans):
-        if end < latest_start:  # the general path would measure it, but as a shift from a later layer
+    _refuse_out_of_order(spans)
+    if any(start <= previous_end for (start, _), (_, previous_end) in zip(spans[1:], spans)):
+        return None  # interleaved layers: the general path's full passes
+    return [start for start, _ in spans]
+
+
+def _refuse_out_of_order(spans: Sequence[tuple[int, int] | None]) -> None:
+    """Refuse ``layers`` out of forward order, given where each layer's parameters are first used in the
+    forward pass (the first and the last of those positions; None where unknown): a layer that runs entirely
+    before one listed ahead of it. Measured as listed, each layer's "shift" would be that from the steps of
+    layers after it: plausible numbers of another quantity than ICS."""
+    latest_start, latest = -1, None  # the layer listed so far that starts furthest down the forward pass
+    for i, span in enumerate(spans):
+        if span is None:
+            continue
+        start, end = span
+        if end < latest_start:
             raise ValueError(f"`layers` is not in forward order: layer {i} (0-based) runs entirely before layer "
                              f"{latest}, listed ahead of it; list the layers in the order the forward pass meets them")
         if start > latest_start:
             latest_start, latest = start, i
-    if any(start <= previous_end for (start, _), (_, previous_end) in zip(spans[1:], spans)):
-        return None  # interleaved layers: the general path's full passes
-    return [start for start, _ in spans]
+
+
+def _first_uses(loss: torch.Tensor, layers: Sequence[Sequence[nn.Parameter]]) -> list[tuple[int, int] | None]:
+    """For each layer, the span of its parameters' first uses in the forward pass behind ``loss``, read from
+    the autograd graph: each op's node is numbered in the order the pass created it, whatever module or
+    function ran it. None for a layer none of whose parameters the graph reaches."""
+    wanted = {p for layer in layers for p in layer}
+    first: dict[nn.Parameter, int] = {}
+    seen, pending = set(), [loss.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for used, _ in node.next_functions:
+            p = getattr(used, "variable", None)  # an AccumulateGrad node: ``node``'s op used parameter p
+            if p is None:
+                pending.append(used)
+            elif p in wanted:
+                first[p] = min(first.get(p, math.inf), node._sequence_nr())
+    spans = []
+    for layer in layers:
+        found = [first[p] for p in layer if p in first]
+        spans.append((min(found), max(found)) if found else None)
+    return spans
 
 
 def _layer_indices(which) -> list[int]:

@@ -249,18 +249,22 @@ def loss_at(model: nn.Module, loss_fn, batch, obs: Observation) -> torch.Tensor:
 
 
 def current_gradient(model, loss_fn, batch, obs: Observation, params: Sequence[nn.Parameter],
-                     use_grad_fields: bool) -> list[torch.Tensor | None]:
+                     use_grad_fields: bool, inspect_loss=None) -> list[torch.Tensor | None]:
     """The gradient of the loss on ``batch`` at the current weights w.r.t. ``params``: computed here, or
     read from the ``.grad`` fields left by the caller's ``loss.backward()`` on the same batch. None for a
     parameter the loss does not reach, as ``backward`` leaves it, so that the simulated ``step()`` skips it
-    as the real one does (:func:`zeros_where_missing` gives the gradient's value)."""
+    as the real one does (:func:`zeros_where_missing` gives the gradient's value). ``inspect_loss`` sees the
+    loss, and its graph, before the backward (where the gradient is computed here)."""
     if use_grad_fields:
         grads = [None if p.grad is None else p.grad.detach() for p in params]
         if all(g is None for g in grads):
             raise ValueError("use_grad_fields=True but no parameter has a .grad; "
                              "call loss.backward() on this batch first, or let the probe compute it")
         return grads
-    return list(torch.autograd.grad(loss_at(model, loss_fn, batch, obs), params, allow_unused=True))
+    loss = loss_at(model, loss_fn, batch, obs)
+    if inspect_loss is not None:
+        inspect_loss(loss)
+    return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
 def zeros_where_missing(grads: Sequence[torch.Tensor | None], params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
