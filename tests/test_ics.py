@@ -280,7 +280,8 @@ def test_layers_out_of_forward_order_are_refused(linear_problem):
     the shift from the steps of layers after it: plausible numbers of another quantity than ICS. A chain
     shows the order by its stages; any model, by the autograd graph of the pass that computes G (modules or
     plain tensor ops). Interleaved layers (one whose parameters lie around another's) are not out of order:
-    they take the general path, as before."""
+    they take the general path, as before; nor is a weight that both an early and a late stage use, listed
+    before or after the layers between."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     batch = (torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,)))
@@ -297,6 +298,13 @@ def test_layers_out_of_forward_order_are_refused(linear_problem):
     interleaved = [[model[0].weight, model[4].weight], linears[1]]
     assert measure_ics(model, nn.functional.cross_entropy, batch, optimizer, interleaved) == measure_ics(
         HiddenChain(model), nn.functional.cross_entropy, batch, optimizer, interleaved)
+    shared = nn.Linear(6, 6).double()  # used first and last: it runs before nothing, listed either way
+    sandwich = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), shared,
+                             nn.Linear(6, 3)).double()
+    inner, outer = list(sandwich[4].parameters()), list(shared.parameters())
+    for listed in ([inner, outer], [outer, inner]):
+        assert len(measure_ics(sandwich, nn.functional.cross_entropy, batch,
+                               torch.optim.SGD(sandwich.parameters(), lr=0.5), listed)) == 2
     custom = HeadRegisteredFirst()
     by_registration = [list(child.parameters()) for child in custom.children()]
     with pytest.raises(ValueError, match="not in forward order: layer 1 .* before layer 0"):

@@ -139,7 +139,7 @@ def ics_gradients(
     unlisted = [p for p in stepped if p not in listed and p in own and p.requires_grad]
     with observation(model, batch, rng_state=rng_state) as obs:
         grads = current_gradient(model, loss_fn, batch, obs, params + unlisted, use_grad_fields,
-                                 inspect_loss=lambda loss: _refuse_out_of_order(_first_uses(loss, layers)))
+                                 inspect_loss=lambda loss: _refuse_out_of_order(_uses(loss, layers)))
         updated = simulate_optimizer_step(optimizer, params + unlisted, grads)
         updated = {p: updated[p] for p in params}
         grads = grads[:len(params)]
@@ -224,9 +224,8 @@ def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> 
 
 
 def _refuse_out_of_order(spans: Sequence[tuple[int, int] | None]) -> None:
-    """Refuse ``layers`` out of forward order, given where each layer's parameters are first used in the
-    forward pass (the first and the last of those positions; None where unknown): a layer that runs entirely
-    before one listed ahead of it. Measured as listed, each layer's "shift" would be that from the steps of
+    """Refuse ``layers`` out of forward order, given where the forward pass first and last uses each layer's
+    parameters (None where unknown): a layer that runs entirely before one listed ahead of it. Measured as listed, each layer's "shift" would be that from the steps of
     layers after it: plausible numbers of another quantity than ICS."""
     latest_start, latest = -1, None  # the layer listed so far that starts furthest down the forward pass
     for i, span in enumerate(spans):
@@ -240,12 +239,13 @@ def _refuse_out_of_order(spans: Sequence[tuple[int, int] | None]) -> None:
             latest_start, latest = start, i
 
 
-def _first_uses(loss: torch.Tensor, layers: Sequence[Sequence[nn.Parameter]]) -> list[tuple[int, int] | None]:
-    """For each layer, the span of its parameters' first uses in the forward pass behind ``loss``, read from
+def _uses(loss: torch.Tensor, layers: Sequence[Sequence[nn.Parameter]]) -> list[tuple[int, int] | None]:
+    """For each layer, where the forward pass behind ``loss`` first and last used its parameters, read from
     the autograd graph: each op's node is numbered in the order the pass created it, whatever module or
-    function ran it. None for a layer none of whose parameters the graph reaches."""
+    function ran it. None for a layer none of whose parameters the graph reaches. (All uses, not the first
+    alone: a weight shared by the first and the last block runs before nothing.)"""
     wanted = {p for layer in layers for p in layer}
-    first: dict[nn.Parameter, int] = {}
+    span: dict[nn.Parameter, tuple[int, int]] = {}
     seen, pending = set(), [loss.grad_fn]
     while pending:
         node = pending.pop()
@@ -257,11 +257,13 @@ def _first_uses(loss: torch.Tensor, layers: Sequence[Sequence[nn.Parameter]]) ->
             if p is None:
                 pending.append(used)
             elif p in wanted:
-                first[p] = min(first.get(p, math.inf), node._sequence_nr())
+                at = node._sequence_nr()
+                first, last = span.get(p, (at, at))
+                span[p] = (min(first, at), max(last, at))
     spans = []
     for layer in layers:
-        found = [first[p] for p in layer if p in first]
-        spans.append((min(found), max(found)) if found else None)
+        found = [span[p] for p in layer if p in span]
+        spans.append((min(f for f, _ in found), max(last for _, last in found)) if found else None)
     return spans
 
 
