@@ -225,8 +225,9 @@ def _layer_starts(stages: list[nn.Module], layers: list[list[nn.Parameter]]) -> 
 
 def _refuse_out_of_order(spans: Sequence[tuple[int, int] | None]) -> None:
     """Refuse ``layers`` out of forward order, given where the forward pass first and last uses each layer's
-    parameters (None where unknown): a layer that runs entirely before one listed ahead of it. Measured as listed, each layer's "shift" would be that from the steps of
-    layers after it: plausible numbers of another quantity than ICS."""
+    parameters (None where unknown): a layer that runs entirely before one listed ahead of it. Measured as
+    listed, each layer's "shift" would be that from the steps of layers after it: plausible numbers of
+    another quantity than ICS."""
     latest_start, latest = -1, None  # the layer listed so far that starts furthest down the forward pass
     for i, span in enumerate(spans):
         if span is None:
