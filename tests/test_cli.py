@@ -372,9 +372,10 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-# slow for SIGTERM: resuming an interrupted run is tested in-process (test_sweeps), a real SIGTERM's stop elsewhere
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGKILL", "SIGTERM"])
+# slow (40 s with its reference run, the default suite's largest item): resuming an interrupted run at any step
+# is tested in-process (test_sweeps), a killed run's status and index entry there too
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, uninterrupted, sig):
     process = start(tmp_path)
     wait_for_step(tmp_path, 250, process)
