@@ -1,6 +1,9 @@
-"""The README's library example runs as printed, on a model this repo has never seen."""
+"""The README's Python examples run as printed: the library on a model this repo has never seen, and the
+reading of runs on the committed results."""
 
 import ast
+import csv
+import json
 import re
 import subprocess
 import sys
@@ -10,10 +13,10 @@ import torch
 from conftest import REPO
 
 
-def readme_example() -> str:
+def readme_example(section: str = "## The measurements, as a library") -> str:
+    """The first Python block of the README's ``section``."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## The measurements, as a library"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", text[text.index(section):], re.S).group(1)
 
 
 def test_readme_library_example_runs_on_a_foreign_model(capsys):
@@ -43,3 +46,23 @@ def test_readme_library_example_imports_nothing_of_the_training_stack(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "{'layer': 2" in result.stdout and result.stdout.splitlines()[-1] == "[]"
+
+
+def test_readme_results_example_prints_the_committed_runs_mean_losses(capsys, monkeypatch):
+    """Its numbers against the committed runs' files read with the standard library alone: per
+    normalisation, the mean over the seeds of lr 1e-6 of the first and the last logged training loss."""
+    monkeypatch.chdir(REPO)
+    exec(compile(readme_example("## Results: what every run writes"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    expected = []
+    for norm in ("batchnorm", "lp1", "lp2", "lpinf", "none"):
+        firsts, lasts = [], []
+        for run in sorted((REPO / "results/paper-gaussian_regression/dln").glob(f"{norm}_lr1e-06_seed*")):
+            assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+            with open(run / "metrics.csv", newline="") as f:
+                losses = [float(row["value"]) for row in csv.DictReader(f) if row["name"] == "train/loss"]
+            firsts.append(losses[0])
+            lasts.append(losses[-1])
+        mean_first, mean_last = sum(firsts) / len(firsts), sum(lasts) / len(lasts)
+        expected.append(f"{norm:9} {len(firsts)} seeds, training loss {mean_first:.4g} -> {mean_last:.4g}")
+    assert printed == expected and "3 seeds" in expected[0]
