@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from bnopt.data import sum_squared_loss  # noqa: E402
 from bnopt.norms import norm_factory  # noqa: E402
 from bnopt.probes import ActivationRecorder, measure_ics, probe_landscape  # noqa: E402
 from bnopt.probes.observation import observation  # noqa: E402
-from bnopt.train import process_settings  # noqa: E402
+from bnopt.train import device_name, process_settings  # noqa: E402
 
 
 @dataclass
@@ -341,10 +340,8 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, device: torch.device, table: dict[str, Setting]) -> dict:
     """The sections ``args`` ask for, model by model (each printed as it is done), under the run's settings."""
-    results = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "device": str(device),
-               "threads": torch.get_num_threads(), "tf32": args.tf32, "torch": torch.__version__, "models": {}}
-    if device.type == "cuda":
-        results["device_name"] = torch.cuda.get_device_name(device)
+    results = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+               "tf32": args.tf32, "torch": torch.__version__, "models": {}}
     for key in args.models:
         s = table[key]
         entry = results["models"][key] = {"setting": s.name}
@@ -381,7 +378,7 @@ FLOP_KEYS = ("ics_all_layers", "ics_all_layers_computing_G", "ics_general_path",
 
 
 def markdown(results: dict) -> str:
-    lines = [f"device {results['device']} ({results.get('device_name', results['machine'])}), "
+    lines = [f"device {results['device']} ({results['device_name']}), "
              f"{results['threads']} threads, TF32 {'on' if results['tf32'] else 'off'}, torch {results['torch']}"]
     rows = []
     for entry in results["models"].values():

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from bnopt.train import device_name
 from conftest import REPO
 
 
@@ -20,6 +22,7 @@ def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
     assert "| dln_none | 8.43 |" in result.stdout  # the markdown table the README quotes
     assert "step (ms)" not in result.stdout  # no timing table without timings
     header = next(line for line in result.stdout.splitlines() if line.startswith("device cpu"))
+    assert header.startswith(f"device cpu ({device_name(torch.device('cpu'))}), ")  # the CPU's kind, as runs record it
     assert ", TF32 off, " in header  # timed as a default run computes (train.tf32)
     results = json.loads(out.read_text())
     assert results["tf32"] is False

@@ -20,7 +20,7 @@ from bnopt.probes import measure_ics
 from bnopt.results import read_run
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
-from bnopt.train import AnotherConfigError, identity_differences
+from bnopt.train import AnotherConfigError, cpu_model, device_name, identity_differences
 from conftest import REPO, compose_config, read_rows, train_run
 
 
@@ -47,6 +47,7 @@ def test_dln_run_writes_the_results_contract(tmp_path):
     assert on_disk["status"] == summary["status"] == "completed" and on_disk["steps"] == 30
     for key in ("final", "wall_time_s", "steps_per_s", "device", "torch", "git_commit"):
         assert key in on_disk
+    assert on_disk["device_name"] == device_name(torch.device("cpu"))  # which CPU kind the numbers are of
     assert on_disk["job"] is None  # trained through the library: no launcher named it (the CLI's: test_cli)
     assert on_disk["final"]["train/loss"] == train_loss.value.iloc[-1]
     assert on_disk["metrics_rows"] == len(metrics) > 0  # what the figures and the report check the file against
@@ -54,6 +55,22 @@ def test_dln_run_writes_the_results_contract(tmp_path):
     assert config["optim"]["lr"] == 1e-6 and config["train"]["batch_size"] == 1000 and "${" not in (tmp_path / "config.yaml").read_text()
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 30 and "model" in checkpoint and "optimizer" in checkpoint
+
+
+def test_a_cpu_is_named_by_its_model_and_the_instruction_set_of_torchs_kernels(tmp_path, monkeypatch):
+    """Runs of one seed on two CPUs whose kernels use other instruction sets differ in the last bits (the
+    committed DLN runs and the same command on an AVX2 machine, from step 0), so a summary names both."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Gold 6338\n\n"
+                       "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Gold 6338\n")
+    assert cpu_model(cpuinfo) == "Intel(R) Xeon(R) Gold 6338"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nmodel name\t:\n")  # ARM's cpuinfo: no model name
+    assert cpu_model(cpuinfo) == cpu_model(tmp_path / "absent") == "aarch64"  # or no /proc at all (macOS)
+    monkeypatch.setattr("bnopt.train.cpu_model", lambda: "Intel(R) Xeon(R) Gold 6338")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert device_name(torch.device("cpu")) == "Intel(R) Xeon(R) Gold 6338 (AVX512)"
 
 
 def test_a_finished_run_without_its_checkpoint_is_neither_rerun_nor_overwritten(tmp_path):

@@ -513,8 +513,24 @@ def stop_signals():
 
 
 def device_name(device: torch.device) -> str:
+    """A GPU's name; a CPU's model and the instruction set torch's kernels use there ("AMD EPYC (AVX2)"):
+    another set runs other kernels, which sum in another order, so that runs of one seed agree bit for bit
+    only on CPUs that match in both (and in the thread count)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name where Linux gives one; else what Python's ``platform`` knows ("x86_64")."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
