@@ -578,8 +578,9 @@ def test_a_run_killed_after_its_last_checkpoint_is_found_finished_with_its_summa
     assert json.loads((tmp_path / "summary.json").read_text()) == again
     (tmp_path / "summary.json").unlink()  # gone altogether: what the checkpoint knows of it comes back
     again = train_run(tmp_path, *DLN_SMOKE)
-    assert (again["status"], again["final"], again["git_commits"], again["started"]) == (
-        "completed", reference["final"], reference["git_commits"], reference["started"])
+    assert (again["status"], again["final"], again["git_commits"], again["started"], again["machines"]) == (
+        "completed", reference["final"], reference["git_commits"], reference["started"], reference["machines"])
+    assert again["device_name"] == reference["device_name"]
 
 
 @pytest.mark.parametrize("damage", ["rows lost", "a row garbled"])
@@ -653,18 +654,48 @@ def test_a_run_resumed_with_other_code_says_which_code_ran_which_steps(tmp_path,
     assert resumed["git_commits"] == [[0, stopped["git_commit"]], [17, "0123abc-dirty"]]
     assert resumed["git_commit"] == "0123abc-dirty" and resumed["started"] == stopped["started"]
     assert f"resuming with code at 0123abc-dirty; steps 0 to 16 ran {stopped['git_commit']}" in caplog.text
+    assert resumed["machines"] == stopped["machines"] == [[0, machine_of(stopped)]]  # the same machine: one entry
+    assert "resuming on" not in caplog.text
+
+
+def machine_of(summary: dict) -> dict:
+    return {key: summary[key] for key in ("device", "device_name", "threads", "torch")}
+
+
+@pytest.mark.parametrize("change", ["another CPU", "fewer threads"])
+def test_a_run_resumed_on_another_machine_says_which_steps_ran_where(tmp_path, monkeypatch, caplog, change):
+    """A requeued job may land on another kind of node, or take another thread count (``threads`` is not part
+    of a run's identity): its kernels then sum in another order, and the summary named only the last machine,
+    so a resumed run that parted from its seed's other runs at float rounding gave no sign of why."""
+    stopped = stopped_run(tmp_path, monkeypatch, 17, *DLN_SMOKE, "threads=2")
+    if change == "another CPU":
+        monkeypatch.setattr(bnopt.train, "device_name", lambda device: "Other CPU (AVX512)")
+    with caplog.at_level("WARNING", logger="bnopt"):
+        resumed = train_run(tmp_path, *DLN_SMOKE, "threads=2" if change == "another CPU" else "threads=1")
+    now = {**machine_of(stopped), **({"device_name": "Other CPU (AVX512)"} if change == "another CPU" else
+                                     {"threads": 1})}
+    assert resumed["status"] == "completed"
+    assert resumed["machines"] == [[0, machine_of(stopped)], [17, now]] and machine_of(resumed) == now
+    assert (f"resuming on {bnopt.train.describe_machine(now)}; steps 0 to 16 ran on "
+            f"{bnopt.train.describe_machine(stopped)}: from step 17 the run need not match") in caplog.text
+    assert json.loads((tmp_path / "summary.json").read_text())["machines"] == resumed["machines"]
+    (tmp_path / "summary.json").unlink()  # gone: the checkpoint keeps the history, and the last machine
+    again = train_run(tmp_path, *DLN_SMOKE, "threads=1")
+    assert again["machines"] == resumed["machines"] and machine_of(again) == now
 
 
 def test_a_checkpoint_from_before_it_kept_the_code_and_start_resumes_with_those_of_the_summary(tmp_path, monkeypatch,
                                                                                                 caplog):
     stopped = stopped_run(tmp_path, monkeypatch, 17, *DLN_SMOKE)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    torch.save({k: v for k, v in state.items() if k not in ("git_commits", "started", "metrics_rows")},
+    torch.save({k: v for k, v in state.items() if k not in ("git_commits", "machines", "started", "metrics_rows")},
                tmp_path / "checkpoint.pt")
     with caplog.at_level("WARNING", logger="bnopt"):
         resumed = train_run(tmp_path, *DLN_SMOKE)
     assert resumed["status"] == "completed" and "resuming with code" not in caplog.text
+    assert "resuming on" not in caplog.text
     assert (resumed["git_commits"], resumed["started"]) == ([[0, stopped["git_commit"]]], stopped["started"])
+    assert resumed["machines"] == [[0, machine_of(stopped)]]
 
 
 def test_results_without_a_readable_summary_or_config_are_not_overwritten(tmp_path):

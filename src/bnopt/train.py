@@ -142,21 +142,30 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
     noisy_layers = [m for m in model.modules() if isinstance(m, NoisyNorm)]
 
     commit, started = git_commit(), now()
-    commits = [[0, commit]]
+    machine = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+               "torch": str(torch.__version__)}  # a str: TorchVersion cannot be loaded with weights_only
+    commits, machines = [[0, commit]], [[0, machine]]
     if checkpoint is not None:
         # checkpoints from before they kept these: the summary the run last wrote has them
         before = run.read_summary() or {}
         commits = checkpoint.get("git_commits") or [[0, before.get("git_commit", "unknown")]]
+        machines = checkpoint.get("machines") or [[0, {key: before.get(key, "unknown") for key in machine}]]
         started = checkpoint.get("started") or before.get("started") or started
         if commits[-1][1] != commit:  # steps before the checkpoint ran other code
             logger.warning("%s: resuming with code at %s; steps %d to %d ran %s", run.path, commit,
                            commits[-1][0], start - 1, commits[-1][1])
             commits = [*commits, [start, commit]]
+        # A requeued job may land on another kind of node: its kernels sum in another order, so from here the
+        # run can part, at float rounding, from one that never stopped.
+        if machines[-1][1] != machine:
+            logger.warning("%s: resuming on %s; steps %d to %d ran on %s: from step %d the run need not match, "
+                           "bit for bit, one that was never stopped", run.path, describe_machine(machine),
+                           machines[-1][0], start - 1, describe_machine(machines[-1][1]), start)
+            machines = [*machines, [start, machine]]
     summary = {
         "status": "running", "steps": start, "final": {}, "metrics_rows": None, "diverged_at_step": None,
         "wall_time_s": 0.0 if checkpoint is None else checkpoint["wall_time_s"], "steps_per_s": None,
-        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "git_commit": commit, "git_commits": commits, "started": started,
+        **machine, "machines": machines, "git_commit": commit, "git_commits": commits, "started": started,
         "finished": None, "error": None, "job": job,
     }
     run.write_summary(summary)
@@ -173,7 +182,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
                                  summary["wall_time_s"] + time.perf_counter() - t0)
         # what the summary must say if the run is found finished, or resumed: how much of the record came
         # before this step, which code ran it, since when
-        state.update(metrics_rows=metrics.rows, git_commits=summary["git_commits"], started=summary["started"])
+        state.update(metrics_rows=metrics.rows, git_commits=summary["git_commits"], machines=summary["machines"],
+                     started=summary["started"])
         metrics.sync()
         run.save_checkpoint(state)
         checkpointed = step
@@ -362,6 +372,8 @@ def summary_of_finished(run: RunDirectory, checkpoint: dict) -> dict:
     if "git_commits" in checkpoint:  # what the checkpoint knows of a summary that is gone
         summary.update(git_commit=checkpoint["git_commits"][-1][1], git_commits=checkpoint["git_commits"],
                        started=checkpoint["started"])
+    if "machines" in checkpoint:
+        summary.update(checkpoint["machines"][-1][1], machines=checkpoint["machines"])
     run.write_summary(summary)
     logger.warning("%s: its summary did not say it %s; written again from its checkpoint", run.path, status)
     return summary
@@ -519,6 +531,11 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def describe_machine(machine: dict) -> str:
+    """One line for a summary's ``machines`` entry: "cpu (AMD EPYC (AVX2)), 2 threads, torch 2.14.1"."""
+    return f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
