@@ -1,9 +1,10 @@
 """Speed of the training loop and cost of each probe, as the README reports them.
 
-    python scripts/benchmark.py                 # CPU, all sections (about 10 minutes on 2 cores)
+    python scripts/benchmark.py                 # CPU, all sections (about 13 minutes on 2 cores)
     python scripts/benchmark.py --device cuda   # on a GPU (VGG-16 at full width)
     python scripts/benchmark.py --only probes --models dln_bn vgg11
     python scripts/benchmark.py --only flops    # FLOP counts alone (half a minute)
+    python scripts/benchmark.py --only memory   # peak memory alone (about 3 minutes on 2 cores)
     python scripts/benchmark.py --device cuda --tf32 --only loop --models vgg16   # a run with train.tf32=true
 
 Costs are multiples of one bare training step (forward + backward + SGD step) of the same model and batch.
@@ -13,7 +14,9 @@ Everything is timed under the numerics a run sets: TF32 off unless ``--tf32`` (`
 default runs a GPU's convolutions in TF32, about twice as fast for VGG-16 on an H200, so a bare loop left at
 that default is not the same computation as a run's.
 The same probe calls are also counted in conv and matmul FLOPs, at the paper's width: the ratio that times
-approach wherever those products dominate the time (large models on a GPU).
+approach wherever those products dominate the time (large models on a GPU); and their peak memory, the bytes
+of the tensors each call makes and holds at once (``bnopt.memory``), against a step's, at the paper's width
+and the settings' batch: counted, so the same on any machine.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bnopt import models  # noqa: E402
 from bnopt.data import sum_squared_loss  # noqa: E402
+from bnopt.memory import peak_tensor_bytes  # noqa: E402
 from bnopt.norms import norm_factory  # noqa: E402
 from bnopt.probes import ActivationRecorder, measure_ics, probe_landscape  # noqa: E402
 from bnopt.probes.observation import observation  # noqa: E402
@@ -230,6 +234,16 @@ def flop_costs(s: Setting, device: torch.device, samples: int = 8) -> dict[str, 
             if key != "landscape_vmap"}  # the same products as the loop, batched
 
 
+def memory_costs(s: Setting, device: torch.device) -> dict[str, float]:
+    """Peak bytes of the tensors each probe call makes (activations, gradients, copies of weights; not the
+    model and batch that exist before it) as multiples of a step's, at the paper's width and the setting's
+    batch. Both scale with the batch unless weight-sized copies dominate, as in the MLP."""
+    model, batch, optimizer, step = prepared(s, device, vgg_width=1.0)
+    per_step = peak_tensor_bytes(step)
+    calls = probe_calls(s, model, batch, optimizer)
+    return {"step_mib": per_step / 2**20, **{key: peak_tensor_bytes(call) / per_step for key, call in calls.items()}}
+
+
 def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int, tf32: bool) -> dict[str, float]:
     """Our loop (``bnopt.train.train``, log_every=100, no probes) against a bare loop on a batch of the same
     data: seconds per step by the run's own clock (``summary.json``'s ``steps_per_s`` times the loop, not
@@ -316,9 +330,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<n>")
     parser.add_argument("--models", nargs="*", default=["mlp_bn", "dln_none", "dln_bn", "vgg11", "vgg16"],
                         help="which settings, by default all: mlp_bn dln_none dln_bn vgg11 vgg16")
-    parser.add_argument("--only", choices=["probes", "flops", "loop"], default=None,
-                        help="one section: probe costs in steps, FLOP counts, or the training loop's overhead "
-                             "(default: all three)")
+    parser.add_argument("--only", choices=["probes", "flops", "memory", "loop"], default=None,
+                        help="one section: probe costs in steps, FLOP counts, peak memory, or the training "
+                             "loop's overhead (default: all four)")
     parser.add_argument("--rounds", type=positive_int, default=9,
                         help="timing rounds per measurement; the median is reported (default 9)")
     parser.add_argument("--threads", type=positive_int, default=None,
@@ -349,6 +363,8 @@ def measure(args: argparse.Namespace, device: torch.device, table: dict[str, Set
             entry.update(probe_costs(s, device, args.rounds))
         if args.only in (None, "flops"):
             entry["flops"] = flop_costs(s, device)
+        if args.only in (None, "memory"):
+            entry["memory"] = memory_costs(s, device)
         if args.only in (None, "loop") and key in ("mlp_bn", "dln_bn", "vgg16"):
             steps = {"mlp_bn": 3000, "dln_bn": 600, "vgg16": 60 if device.type == "cpu" else 600}[key]
             entry.update(loop_overhead(s, device, steps, rounds=max(3, args.rounds // 2), tf32=args.tf32))
@@ -375,6 +391,7 @@ COLUMNS = [
 
 FLOP_KEYS = ("ics_all_layers", "ics_all_layers_computing_G", "ics_general_path", "ics_suffix_floor", "ics_naive",
              "landscape_loop")
+MEMORY_KEYS = (*FLOP_KEYS, "landscape_vmap")  # vmap's products are the loop's, its memory is not
 
 
 def markdown(results: dict) -> str:
@@ -383,20 +400,30 @@ def markdown(results: dict) -> str:
     rows = []
     for entry in results["models"].values():
         cells = ["" if entry.get(key) is None else fmt.format(entry[key]) for key, _, fmt in COLUMNS]
-        if any(cells):  # none with --only flops
+        if any(cells):  # none with --only flops or memory
             rows.append(f"| {entry['setting']} | " + " | ".join(cells) + " |")
     if rows:
         lines += ["", "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
                   "|---" * (len(COLUMNS) + 1) + "|", *rows]
-    counted = {key: entry["flops"] for key, entry in results["models"].items() if "flops" in entry}
-    if counted:
-        flop_columns = [(key, title) for key, title, _ in COLUMNS if key in FLOP_KEYS]
-        lines += ["", "Conv and matmul FLOPs as multiples of a step's, at the paper's width (VGG width 1):", "",
-                  "| model | " + " | ".join(title for _, title in flop_columns) + " |",
-                  "|---" * (len(flop_columns) + 1) + "|"]
-        for key, flops in counted.items():
-            lines.append(f"| {key} | " + " | ".join(f"{flops[k]:.2f}" for k, _ in flop_columns) + " |")
+    lines += counted_table(results, "flops", "Conv and matmul FLOPs as multiples of a step's, at the paper's width "
+                           "(VGG width 1):", [(key, title) for key, title, _ in COLUMNS if key in FLOP_KEYS])
+    lines += counted_table(results, "memory", "Peak memory of the tensors each call makes, as multiples of a step's, "
+                           "at the paper's width (VGG width 1) and each setting's batch:",
+                           [("step_mib", "step (MiB)"),
+                            *((key, title) for key, title, _ in COLUMNS if key in MEMORY_KEYS)])
     return "\n".join(lines)
+
+
+def counted_table(results: dict, section: str, caption: str, columns: list[tuple[str, str]]) -> list[str]:
+    """A table of the counted (not timed) section ``section``, one row per model that has it."""
+    counted = {key: entry[section] for key, entry in results["models"].items() if section in entry}
+    if not counted:
+        return []
+    lines = ["", caption, "", "| model | " + " | ".join(title for _, title in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for key, values in counted.items():
+        lines.append(f"| {key} | " + " | ".join(f"{values[k]:.2f}" for k, _ in columns) + " |")
+    return lines
 
 
 if __name__ == "__main__":

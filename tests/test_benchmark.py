@@ -50,3 +50,21 @@ def test_benchmark_refuses_bad_arguments_before_measuring(args, message):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stdout == ""  # nothing measured
+
+
+def test_benchmark_memory_columns_count_what_the_probes_hold(tmp_path):
+    """Counted, not timed: the DLN's step keeps its 25 layers' outputs on the batch of 1000 x 10 (40 kB each)
+    for its backward; exact ICS (shared prefix) holds about what a step does, as naive ICS and the landscape
+    loop do, and vmap's landscape holds its E = 5 passes' at once."""
+    out = tmp_path / "benchmark.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "memory",
+                             "--models", "dln_none", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| dln_none | 1.0" in result.stdout and "step (ms)" not in result.stdout
+    memory = json.loads(out.read_text())["models"]["dln_none"]["memory"]
+    assert 25 * 40_000 <= memory["step_mib"] * 2**20 < 1.2 * 25 * 40_000
+    assert memory.keys() >= {"ics_all_layers", "ics_naive", "landscape_loop", "landscape_vmap"}
+    for key in ("ics_all_layers", "ics_all_layers_computing_G", "ics_suffix_floor", "ics_naive", "landscape_loop"):
+        assert 0.9 < memory[key] < 1.15, key
+    assert memory["landscape_vmap"] > 5

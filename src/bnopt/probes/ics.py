@@ -160,9 +160,29 @@ def ics_gradients(
     return pairs
 
 
+# Layers whose gradients together hold at most this many entries share one pass of float64 copies (G, G'
+# and their difference, 24 bytes an entry): of a model's every layer at once, they were the probe's largest
+# use of memory (3.2 times a step's for VGG-16 at batch 32, against 1.04 in groups).
+DISTANCE_CHUNK_ENTRIES = 1 << 20
+
+
 def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> list[tuple[float, float]]:
-    """(||G - G'||_2, cos(G, G')) for each pair, in float64, with a few ops per measurement rather than a
-    dozen per layer: for the 25 tiny layers of the deep linear network those cost a sizeable part of a step."""
+    """(||G - G'||_2, cos(G, G')) for each pair, in float64, with a few ops per group of layers rather than a
+    dozen per layer: for the 25 tiny layers of the deep linear network those cost a sizeable part of a step.
+    Each layer's numbers are its own, so how the layers are grouped changes none of them."""
+    out, chunk, entries = [], [], 0
+    for pair in pairs:
+        size = sum(t.numel() for t in pair[0])
+        if chunk and entries + size > DISTANCE_CHUNK_ENTRIES:
+            out += _distances_and_cosines_together(chunk)
+            chunk, entries = [], 0
+        chunk.append(pair)
+        entries += size
+    return out + _distances_and_cosines_together(chunk)
+
+
+def _distances_and_cosines_together(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                                    ) -> list[tuple[float, float]]:
     if not pairs:
         return []
     sizes = [sum(t.numel() for t in g) for g, _ in pairs]
