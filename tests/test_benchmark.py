@@ -13,11 +13,14 @@ from bnopt.train import device_name
 from conftest import REPO
 
 
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
     out = tmp_path / "benchmark.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "flops",
-                             "--models", "dln_none", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = run_benchmark("--only", "flops", "--models", "dln_none", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "| dln_none | 8.43 |" in result.stdout  # the markdown table the README quotes
     assert "step (ms)" not in result.stdout  # no timing table without timings
@@ -46,8 +49,7 @@ def test_benchmark_flop_columns_match_the_closed_forms(tmp_path):
     (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),  # a median over no rounds
 ])
 def test_benchmark_refuses_bad_arguments_before_measuring(args, message):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "flops", *args],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("--only", "flops", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert result.stdout == ""  # nothing measured
 
@@ -57,9 +59,7 @@ def test_benchmark_memory_columns_count_what_the_probes_hold(tmp_path):
     for its backward; exact ICS (shared prefix) holds about what a step does, as naive ICS and the landscape
     loop do, and vmap's landscape holds its E = 5 passes' at once."""
     out = tmp_path / "benchmark.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--only", "memory",
-                             "--models", "dln_none", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = run_benchmark("--only", "memory", "--models", "dln_none", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "| dln_none | 1.0" in result.stdout and "step (ms)" not in result.stdout
     memory = json.loads(out.read_text())["models"]["dln_none"]["memory"]

@@ -170,22 +170,20 @@ def _distances_and_cosines(pairs: list[tuple[list[torch.Tensor], list[torch.Tens
     """(||G - G'||_2, cos(G, G')) for each pair, in float64, with a few ops per group of layers rather than a
     dozen per layer: for the 25 tiny layers of the deep linear network those cost a sizeable part of a step.
     Each layer's numbers are its own, so how the layers are grouped changes none of them."""
-    out, chunk, entries = [], [], 0
-    for pair in pairs:
-        size = sum(t.numel() for t in pair[0])
-        if chunk and entries + size > DISTANCE_CHUNK_ENTRIES:
-            out += _distances_and_cosines_together(chunk)
-            chunk, entries = [], 0
-        chunk.append(pair)
+    sizes = [sum(t.numel() for t in g) for g, _ in pairs]
+    out, first, entries = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > first and entries + size > DISTANCE_CHUNK_ENTRIES:
+            out += _distances_and_cosines_together(pairs[first:i], sizes[first:i])
+            first, entries = i, 0
         entries += size
-    return out + _distances_and_cosines_together(chunk)
+    return out + _distances_and_cosines_together(pairs[first:], sizes[first:])
 
 
 def _distances_and_cosines_together(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
-                                    ) -> list[tuple[float, float]]:
+                                    sizes: list[int]) -> list[tuple[float, float]]:
     if not pairs:
         return []
-    sizes = [sum(t.numel() for t in g) for g, _ in pairs]
     a = torch.cat([dense(t).reshape(-1) for g, _ in pairs for t in g]).double()
     b = torch.cat([dense(t).reshape(-1) for _, g_shifted in pairs for t in g_shifted]).double()
     a_parts, b_parts = a.split(sizes), b.split(sizes)
