@@ -283,7 +283,38 @@ def lr_sweep(runs: list[Run]) -> str:
     return "\n\n".join(out)
 
 
-SECTIONS = [vgg_training, activation_stability, ics, landscape, dln_losses, mlp, lr_sweep]
+def counted(values: list[str]) -> str:
+    """``"a (3); b (1)"``: each distinct value with how many times it occurs, the commonest first."""
+    return "; ".join(f"{value} ({n})" for value, n in sorted(Counter(values).items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def provenance(runs: list[Run]) -> str:
+    """The code and the machines behind the runs read, per result set: a table of numbers made by several
+    versions of the code, or on several kinds of machine, says so."""
+    sets: dict[str, list[Run]] = {}
+    for run in runs:
+        sets.setdefault(f"{run.get('scale.name')}-{run.get('data.name')}", []).append(run)
+    rows = []
+    for name, rs in sorted(sets.items()):
+        # A run resumed with other code, or elsewhere, counts once under each.
+        code = [commit[:7] + commit[40:] if len(commit) >= 40 else commit
+                for r in rs for commit in dict.fromkeys(c for _, c in r.commits)]
+        machines = [m for r in rs for m in dict.fromkeys(m for _, m in r.machines)]
+        rows.append([name, len(rs), counted(code), counted(machines)])
+    notes = []
+    if any(commit.endswith("-dirty") for r in runs for _, commit in r.commits):
+        notes.append("A commit marked -dirty ran with uncommitted changes to src/, configs/ or train.py: the code "
+                     "behind those runs is not all in git.")
+    resumed = [r for r in runs if len({c for _, c in r.commits}) > 1 or len({m for _, m in r.machines}) > 1]
+    if resumed:
+        notes.append(f"{len(resumed)} run(s) resumed with other code or on another machine count under each: "
+                     + ", ".join(str(r.path) for r in resumed[:5]) + (" ..." if len(resumed) > 5 else ""))
+    return ("**Provenance** (the code and the machines of the runs read; runs of each in brackets):\n\n"
+            + table(["result set", "runs", "code (git commit)", "machine (device, threads, torch)"], rows)
+            + with_note(*notes))
+
+
+SECTIONS = [vgg_training, activation_stability, ics, landscape, dln_losses, mlp, lr_sweep, provenance]
 
 
 def main() -> None:

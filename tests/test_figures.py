@@ -549,6 +549,42 @@ def test_a_runs_path_without_runs_is_named(results, tmp_path):
     assert not (tmp_path / "figs" / "fig1.png").exists()
 
 
+def test_the_report_names_the_code_and_machines_behind_each_result_set(tmp_path):
+    """Counted from each run's summary: its history where it keeps one (a run resumed with other code or on
+    another machine counts under each, once per commit however often it returned to it), the single
+    commit and machine of an older summary, "unknown" without one; a GPU by its kind, not its index."""
+    epyc = {"device": "cpu", "device_name": "AMD EPYC (AVX2)", "threads": 2, "torch": "2.14.1"}
+    h200 = {"device": "cuda:1", "device_name": "NVIDIA H200", "threads": 1, "torch": "2.15.0"}
+    a, b = "a" * 40, "b" * 40
+    summaries = {
+        ("dln", 0): {"git_commits": [[0, a], [10, b + "-dirty"], [20, a]], "machines": [[0, epyc], [10, h200]]},
+        ("dln", 1): {"git_commit": a, **epyc},  # written before the summaries kept histories
+        ("dln", 2): None,  # killed before its first summary
+        ("vgg", 0): {"git_commits": [[0, b]], "machines": [[0, {**h200, "device": "cuda:0"}]]},
+    }
+    for (model, seed), summary in summaries.items():
+        run_dir = fake_run(tmp_path, model, "batchnorm", 1e-6 if model == "dln" else 0.1, seed=seed, steps=100)
+        if summary is None:
+            (run_dir / "summary.json").unlink()
+        else:
+            stored = json.loads((run_dir / "summary.json").read_text())
+            (run_dir / "summary.json").write_text(json.dumps({**stored, **summary}))
+    runs = load_runs([tmp_path])
+    (resumed,) = [r for r in runs if r.get("seed") == 0 and r.get("model.name") == "dln"]
+    assert resumed.commits == [(0, a), (10, b + "-dirty"), (20, a)]
+    assert resumed.machines == [(0, "cpu (AMD EPYC (AVX2)), 2 threads, torch 2.14.1"),
+                                (10, "cuda (NVIDIA H200), 1 thread, torch 2.15.0")]
+    provenance = report_module().provenance(runs)
+    assert ("| cpu-gaussian_regression | 3 | aaaaaaa (2); bbbbbbb-dirty (1); unknown (1) | "
+            "cpu (AMD EPYC (AVX2)), 2 threads, torch 2.14.1 (2); cuda (NVIDIA H200), 1 thread, torch 2.15.0 (1); "
+            "unknown (1) |") in provenance
+    assert "| cpu-fashion_mnist | 1 | bbbbbbb (1) | cuda (NVIDIA H200), 1 thread, torch 2.15.0 (1) |" in provenance
+    assert "A commit marked -dirty ran with uncommitted changes" in provenance
+    assert f"1 run(s) resumed with other code or on another machine count under each: {resumed.path}" in provenance
+    clean = [r for r in runs if r is not resumed]
+    assert "-dirty" not in report_module().provenance(clean) and "resumed" not in report_module().provenance(clean)
+
+
 def test_report_without_runs_says_so_and_fails(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts/report.py"), "--runs", str(tmp_path / "nothing")],
                             capture_output=True, text=True)
@@ -570,7 +606,7 @@ def test_report_prints_a_table_per_claim(results):
     assert result.returncode == 0, result.stderr
     for heading in ("**VGG training**", "**Activation moments**", "**ICS, VGG**", "**ICS, DLN**",
                     "**Landscape along the gradient, VGG**", "**DLN final training loss**", "**MLP**",
-                    "**Learning-rate sweep, VGG**"):
+                    "**Learning-rate sweep, VGG**", "**Provenance**"):
         assert heading in result.stdout, heading
     assert "| BatchNorm | 0.1 |" in result.stdout and "Effective β without BN / with BN" in result.stdout
     vgg_sweep, dln_sweep = (result.stdout.split(f"**Learning-rate sweep, {m}**")[1].split("\n\n")[1]

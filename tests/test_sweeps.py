@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import bnopt.train
-from bnopt.rundir import RunDirectory
+from bnopt.rundir import RunDirectory, describe_machine
 from bnopt import sweeps
 from bnopt.sweeps import gpu_lock_dir, gpu_slot, index_rows, job_threads, visible_gpu_names
 from conftest import REPO, compose_config, read_rows, run_cli, train_run
@@ -676,8 +676,8 @@ def test_a_run_resumed_on_another_machine_says_which_steps_ran_where(tmp_path, m
                                      {"threads": 1})}
     assert resumed["status"] == "completed"
     assert resumed["machines"] == [[0, machine_of(stopped)], [17, now]] and machine_of(resumed) == now
-    assert (f"resuming on {bnopt.train.describe_machine(now)}; steps 0 to 16 ran on "
-            f"{bnopt.train.describe_machine(stopped)}: from step 17 the run need not match") in caplog.text
+    assert (f"resuming on {describe_machine(now)}; steps 0 to 16 ran on "
+            f"{describe_machine(stopped)}: from step 17 the run need not match") in caplog.text
     assert json.loads((tmp_path / "summary.json").read_text())["machines"] == resumed["machines"]
     (tmp_path / "summary.json").unlink()  # gone: the checkpoint keeps the history, and the last machine
     again = train_run(tmp_path, *DLN_SMOKE, "threads=1")

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from bnopt.config_history import NOT_IDENTITY, with_keys_added_later
-from bnopt.rundir import FINISHED, METRICS_HEADER, record_lost
+from bnopt.rundir import FINISHED, MACHINE_KEYS, METRICS_HEADER, describe_machine, record_lost
 from bnopt.runlock import status_now
 
 Warn = Callable[[str], None]
@@ -86,6 +86,23 @@ class Run:
         Read once: the figures ask per run and per panel."""
         return status_now(self.path, self.summary.get("status", "unknown"))
 
+    @cached_property
+    def commits(self) -> list[tuple[int, str]]:
+        """``[(from_step, commit), ...]``: the code each stretch of the run ran (``-dirty``: with uncommitted
+        changes); one entry from a summary written before it kept the history, ``"unknown"`` without one."""
+        return _history(self.summary.get("git_commits"), self.summary.get("git_commit"), str)
+
+    @cached_property
+    def machines(self) -> list[tuple[int, str]]:
+        """``[(from_step, machine), ...]``, each machine as :func:`~bnopt.rundir.describe_machine` writes it,
+        with the device's kind (``cuda``, not ``cuda:1``: which GPU of a node changes no number)."""
+        def describe(machine) -> str:
+            machine = machine if isinstance(machine, dict) else {}
+            device = machine.get("device")
+            return describe_machine({**machine, "device": str(device).split(":")[0] if device else None})
+        only = {key: self.summary.get(key) for key in MACHINE_KEYS}
+        return _history(self.summary.get("machines"), only if any(only.values()) else None, describe)
+
     def series(self, name: str, layer: int | None = None) -> pd.Series:
         """One metric over steps (indexed by step), optionally for one layer."""
         rows = self.metrics[self.metrics.name == name]
@@ -99,6 +116,15 @@ class Run:
             return None
         with np.load(path) as saved:
             return {key: saved[key] for key in saved.files}
+
+
+def _history(entries, only, describe: Callable[[object], str]) -> list[tuple[int, str]]:
+    """A summary's ``[[from_step, value], ...]`` with each value described; ``[(0, describe(only))]`` where it
+    has none (or one not of that shape: a summary edited by hand), ``only`` being its single value."""
+    if isinstance(entries, list) and entries and all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) for e in entries):
+        return [(step, describe(value)) for step, value in entries]
+    return [(0, describe(only) if only is not None else "unknown")]
 
 
 def read_run(directory: Path) -> Run:

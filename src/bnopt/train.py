@@ -37,8 +37,8 @@ from bnopt.norms import NoisyNorm, draws_left_eager, set_noise_step
 from bnopt.probes import ActivationProbe, build_probes
 from bnopt.probes.activations import histogram_steps
 from bnopt.probes.observation import float32_settings_restored
-from bnopt.rundir import (FINISHED, MetricsWriter, RunDirectory, final_values, git_commit, metric_rows,
-                          record_lost)
+from bnopt.rundir import (FINISHED, MetricsWriter, RunDirectory, describe_machine, final_values, git_commit,
+                          metric_rows, record_lost)
 from bnopt.seeding import seed_everything
 
 # A line when a run starts, resumes, is found finished, and ends: Hydra's logging puts it on the console and in
@@ -531,11 +531,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def describe_machine(machine: dict) -> str:
-    """One line for a summary's ``machines`` entry: "cpu (AMD EPYC (AVX2)), 2 threads, torch 2.14.1"."""
-    return f"{machine['device']} ({machine['device_name']}), {machine['threads']} threads, torch {machine['torch']}"
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
