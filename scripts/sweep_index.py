@@ -4,7 +4,8 @@
 
 One row per run directory: job number and overrides of the command that trained it (empty where they
 cannot be known), status (completed, diverged, failed, interrupted, running, killed, unknown), steps, final
-train/test metrics, wall time, error. A sweep writes it when it ends; this rebuilds it for a sweep that was
+train/test metrics, wall time, error; and one per job the sweep never started (status not started, no
+directory), from the sweep's multirun.yaml. A sweep writes it when it ends; this rebuilds it for a sweep that was
 killed or is still running.
 """
 
@@ -33,7 +34,8 @@ def main() -> int:
             continue
         index = write_index(directory, warn=lambda m: print(m, file=sys.stderr))
         if index is None:
-            print(f"{directory}: no job directories in it (is it a sweep's?); not indexed", file=sys.stderr)
+            print(f"{directory}: no job directories in it, nor a multirun.yaml that lists jobs (is it a sweep's?); "
+                  "not indexed", file=sys.stderr)
             continue
         print(index.read_text(), end="")
     return 0 if all_found else 1  # the others are indexed all the same

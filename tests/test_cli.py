@@ -424,7 +424,8 @@ def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
            f"hydra.sweep.dir={tmp_path}" in stderr
     assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "1").exists()
-    assert [(r["job"], r["status"]) for r in read_index(tmp_path)] == [("0", "interrupted")]
+    assert [(r["job"], r["dir"], r["status"]) for r in read_index(tmp_path)] == [
+        ("0", "0", "interrupted"), ("1", "", "not started")]
 
 
 def test_a_ctrl_c_stops_a_parallel_sweep_with_its_index_written(tmp_path):
@@ -446,7 +447,9 @@ def test_a_ctrl_c_stops_a_parallel_sweep_with_its_index_written(tmp_path):
     assert f"the sweep stopped (Ctrl-C); to continue it, run the same command with hydra.sweep.dir={tmp_path}" \
         in stderr
     assert not (tmp_path / "2").exists()  # the third job waited for a free worker
-    assert {r["job"] for r in read_index(tmp_path)} <= {"0", "1"} and read_index(tmp_path)[0]["job"] == "0"
+    rows = read_index(tmp_path)
+    assert {r["job"] for r in rows if r["dir"]} <= {"0", "1"} and rows[0]["job"] == "0"
+    assert [(r["dir"], r["status"]) for r in rows if r["job"] == "2"] == [("", "not started")]
 
 
 def test_ctrl_c_outside_a_sweep_is_left_to_python_and_a_slurm_sweep_s_jobs_go_on(tmp_path, monkeypatch, capsys):

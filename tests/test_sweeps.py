@@ -170,6 +170,41 @@ def test_a_second_sweep_into_a_used_directory_leaves_the_index_naming_the_first(
     assert read_index(tmp_path) == first
 
 
+def test_the_index_lists_the_jobs_a_sweep_never_started(tmp_path):
+    """A sweep stopped before some of its jobs (Ctrl-C, SLURM jobs cancelled while they waited, the sweep's
+    process killed) left them out of its index: a figure could be drawn from fewer seeds without a word. They
+    are listed from Hydra's multirun.yaml, numbered and with the overrides Hydra gives them (the experiment's
+    sweep and the command line's, together); a directory that Hydra's record or its summary ties to a job is
+    that job's, whatever became of it."""
+    assert run_cli("-m", "+experiment=fig8", "scale=smoke", "probes=none", "train.steps=2", "norm=batchnorm,none",
+                   f"hydra.sweep.dir={tmp_path}").returncode == 0
+    ran = {r["job"]: r["overrides"] for r in read_index(tmp_path)}
+    assert len(ran) == 6 and {r["status"] for r in read_index(tmp_path)} == {"completed"}
+    for job in ("3", "5"):  # as if never started
+        shutil.rmtree(tmp_path / job)
+    (tmp_path / "1" / "summary.json").unlink()  # killed before its first summary: Hydra's record names it
+    warnings = []
+    rows = {r["job"]: r for r in index_rows(tmp_path, warnings.append)}
+    assert {job: (r["dir"], r["status"]) for job, r in rows.items()} == {
+        "0": ("0", "completed"), "1": ("1", "unknown"), "2": ("2", "completed"), "3": ("", "not started"),
+        "4": ("4", "completed"), "5": ("", "not started")}
+    assert {job: r["overrides"] for job, r in rows.items()} == ran
+    assert warnings == [f"index: {tmp_path / '1' / 'summary.json'}: missing"]
+    for job in ("0", "1", "2", "4"):
+        shutil.rmtree(tmp_path / job)
+    assert [(r["job"], r["status"]) for r in index_rows(tmp_path)] == [(str(n), "not started") for n in range(6)]
+    multirun = yaml.safe_load((tmp_path / "multirun.yaml").read_text())
+    for change, why in ((("sweeper", "_target_"), "swept by hydra_plugins.optuna.Sweeper, whose jobs the index cannot"),
+                        (("overrides", "task"), "its jobs cannot be listed (ConfigLoader is not set)")):
+        edited = copy.deepcopy(multirun)
+        edited["hydra"][change[0]][change[1]] = ("hydra_plugins.optuna.Sweeper" if change[1] == "_target_"
+                                                 else ["norm=glob(*)"])  # glob reads the config files
+        (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(edited))
+        warnings = []
+        assert index_rows(tmp_path, warnings.append) == []
+        assert len(warnings) == 1 and why in warnings[0] and "a job that never started is not in" in warnings[0]
+
+
 def test_unfinished_jobs_lists_a_job_whose_run_another_process_is_training_and_failed_ones(tmp_path):
     """What the figure recipes check before drawing: a job refused because its run is busy is listed, and so
     are jobs that failed (a bad value), with their error; the job that trained its run is not."""
@@ -285,7 +320,8 @@ def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "empty")],
                             capture_output=True, text=True)
-    assert result.returncode == 0 and "no job directories in it (is it a sweep's?); not indexed" in result.stderr
+    assert result.returncode == 0 and ("no job directories in it, nor a multirun.yaml that lists jobs (is it a "
+                                       "sweep's?); not indexed") in result.stderr
     assert list((tmp_path / "empty").iterdir()) == []  # no index of nothing
 
 

@@ -211,5 +211,6 @@ def describe_machine(machine: dict) -> str:
     """One line for a summary's ``machines`` entry: "cpu (AMD EPYC (AVX2)), 2 threads, torch 2.14.1";
     "unknown" for what a summary from before it was recorded lacks."""
     device, name, threads, version = (machine.get(key) for key in MACHINE_KEYS)
-    threads = "threads unknown" if threads in (None, "", "unknown") else f"{threads} thread{'' if threads == 1 else 's'}"
+    threads = ("threads unknown" if threads in (None, "", "unknown")
+               else f"{threads} thread{'' if threads == 1 else 's'}")
     return f"{device or 'unknown'} ({name or 'unknown'}), {threads}, torch {version or 'unknown'}"

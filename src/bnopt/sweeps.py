@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import IO
 
 import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the sweeper that numbers a sweep's jobs
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -160,8 +163,48 @@ def last_logged_step(run_dir: Path) -> int | str:
     return int(step) if step.isdigit() else ""
 
 
+def planned_jobs(sweep_dir: Path, warn=print) -> list[list[str]] | None:
+    """The overrides of each job the sweep in ``sweep_dir`` set out to run, in job-number order, expanded
+    from the ``multirun.yaml`` Hydra writes as a sweep starts (the last sweep's, where several were started
+    there) as Hydra's basic sweeper expands them. None where there is no such file, or it cannot be expanded
+    (named through ``warn``): another sweeper, or a sweep over config files by ``glob``."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return None
+    try:
+        hydra = OmegaConf.load(path).hydra
+        if hydra.sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+            warn(f"index: {path}: swept by {hydra.sweeper.get('_target_')}, whose jobs the index cannot "
+                 "list before they start: a job that never started is not in it")
+            return None
+        params = [f"{key}={value}" for key, value in (hydra.sweeper.get("params") or {}).items()]
+        overrides = OverridesParser.create().parse_overrides([*params, *hydra.overrides.task])
+        return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except (OSError, KeyError, AttributeError, ValueError, yaml.YAMLError, OmegaConfBaseException,
+            HydraException) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        warn(f"index: {path}: its jobs cannot be listed ({why}); a job that never started is not in the index")
+        return None
+
+
+def _overrides_run(run_dir: Path, summary: dict | None) -> list[tuple[str, ...]]:
+    """The override lists of the commands that started in ``run_dir``: the one in its summary (the command
+    that trained it) and the last one Hydra recorded in ``.hydra/`` (which may be a later one)."""
+    found = []
+    job = (summary or {}).get("job")
+    if isinstance(job, dict) and isinstance(job.get("overrides"), list):
+        found.append(tuple(job["overrides"]))
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        overrides = None
+    if isinstance(overrides, list):
+        found.append(tuple(overrides))
+    return found
+
+
 def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
-    rows = []
+    rows, started = [], set()
     for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         # Read here, not with RunDirectory.read_summary: this module stays free of torch (the index script's
         # start-up), and the index tells a missing summary from an unreadable one.
@@ -172,6 +215,7 @@ def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
         if summary is not None and not isinstance(summary, dict):
             summary, problem = None, "unreadable"
         job, overrides = _job_info(run_dir, summary)
+        started.update(_overrides_run(run_dir, summary))
         if not job and problem == "missing":
             continue  # not a job of this sweep
         row = {"job": job, "dir": run_dir.name, "overrides": overrides}
@@ -187,12 +231,18 @@ def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
                 row["error"] = killed_error(run_dir)
             row.update({m: summary.get("final", {}).get(m, "") for m in FINAL_METRICS})
         rows.append(row)
+    # A job of a sweep stopped before it (Ctrl-C, a SLURM job cancelled while it waited, the sweep's own
+    # process killed) leaves no directory; listed, so that a figure is not drawn from fewer seeds unawares.
+    for num, job_overrides in enumerate(planned_jobs(sweep_dir, warn) or []):
+        if tuple(job_overrides) not in started:
+            rows.append({"job": str(num), "dir": "", "overrides": " ".join(job_overrides), "status": "not started"})
     return sorted(rows, key=lambda r: (int(r["job"]) if str(r["job"]).isdigit() else 10**9, r["dir"]))
 
 
 def write_index(sweep_dir: Path, warn=print) -> Path | None:
     """``<sweep_dir>/index.csv``: one row per run directory in the sweep (job number, overrides, status,
-    steps, final metrics, wall time, error). None, and no file, where there is no run directory to index."""
+    steps, final metrics, wall time, error) and per job it never started. None, and no file, where there is
+    nothing to index."""
     path = sweep_dir / "index.csv"
     # A temporary file of its own: the jobs of a cluster sweep stopped together (a time limit) each write
     # the index at once, and with one shared name one job's rename took the file from under another's.
@@ -215,4 +265,5 @@ def announce_index(sweep_dir: Path) -> None:
     """:func:`write_index`, naming the file on stdout and the runs it cannot read on stderr: what a sweep
     prints when it ends, or when a signal stops it."""
     path = write_index(sweep_dir, warn=lambda m: print(m, file=sys.stderr))
-    print(f"sweep index: {path or f'none, as {sweep_dir} holds no job directories'}")
+    nothing = f"none, as {sweep_dir} holds no job directories and no multirun.yaml that lists jobs"
+    print(f"sweep index: {path or nothing}")
