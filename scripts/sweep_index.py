@@ -5,8 +5,8 @@
 One row per run directory: job number and overrides of the command that trained it (empty where they
 cannot be known), status (completed, diverged, failed, interrupted, running, killed, unknown), steps, final
 train/test metrics, wall time, error; and one per job the sweep never started (status not started, no
-directory), from the sweep's multirun.yaml. A sweep writes it when it ends; this rebuilds it for a sweep that was
-killed or is still running.
+directory), from the sweep's multirun.yaml. A sweep writes it when it ends; this rebuilds it for a sweep that
+was killed or is still running.
 """
 
 import argparse
