@@ -111,6 +111,7 @@ def read_index(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow  # 14 s: a launcher plugin's pool of job processes
 def test_local_parallel_sweep_goes_on_past_failed_and_diverged_jobs(tmp_path):
     # ++: its check composes the config again, in the job's process
     result = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "+experiment=dln_bn", "scale=smoke",
@@ -141,6 +142,7 @@ def test_a_job_with_a_bad_thread_count_fails_alone(tmp_path):
     assert completed["status"] == "completed"
 
 
+@pytest.mark.slow  # 13 s: a launcher plugin's pool of job processes
 def test_submitit_path_runs_a_sweep_on_this_machine(tmp_path):
     result = run_cli("-m", "hydra/launcher=submitit_local", "+experiment=dln_bn", "scale=smoke", "probes=none",
                      "norm=none,batchnorm", "++optim.momentum=0.0", f"hydra.sweep.dir={tmp_path}", timeout=600)
