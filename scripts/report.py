@@ -19,7 +19,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bnopt.figures import LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_sets  # noqa: E402
+from bnopt.figures import (LABELS, LP_VARIANTS, first_logging, measurement_spacing, result_set_name,  # noqa: E402
+                           result_sets)
 from bnopt.results import (Run, committed_result_dirs, completed, load_runs, select, select_repeats,  # noqa: E402
                            unfinished_note)
 from bnopt.rundir import FINISHED  # noqa: E402
@@ -293,7 +294,7 @@ def provenance(runs: list[Run]) -> str:
     versions of the code, or on several kinds of machine, says so."""
     sets: dict[str, list[Run]] = {}
     for run in runs:
-        sets.setdefault(f"{run.get('scale.name')}-{run.get('data.name')}", []).append(run)
+        sets.setdefault(result_set_name(run), []).append(run)
     rows = []
     for name, rs in sorted(sets.items()):
         # A run resumed with other code, or elsewhere, counts once under each.

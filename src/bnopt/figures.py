@@ -506,6 +506,11 @@ FIGURES: dict[str, FigureSpec] = {
 }
 
 
+def result_set_name(run: Run) -> str:
+    """The result set a run belongs to, its scale and data set: ``"cpu-fashion_mnist"``."""
+    return f"{run.get('scale.name')}-{run.get('data.name')}"
+
+
 def result_sets(runs: list[Run], model: str, lr_sweep: bool) -> dict[str, list[Run]]:
     """Runs of one model, split by (scale, data set): ``{"cpu-fashion_mnist": [...], ...}``. Figures use
     the runs that record probes; the learning-rate figure uses the runs of the lr_sweep experiments."""
@@ -513,7 +518,7 @@ def result_sets(runs: list[Run], model: str, lr_sweep: bool) -> dict[str, list[R
               and str(r.get("name", "")).startswith("lr_sweep") == lr_sweep]
     sets: dict[str, list[Run]] = {}
     for run in chosen:
-        sets.setdefault(f"{run.get('scale.name')}-{run.get('data.name')}", []).append(run)
+        sets.setdefault(result_set_name(run), []).append(run)
     return sets
 
 
