@@ -394,6 +394,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     stopped = (tmp_path / "summary.json").read_bytes()
     stopped_at = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"]
     assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=2e-6", f"hydra.run.dir={tmp_path}"), "another config")
+    assert_one_line_error(run_cli(*SURVIVOR, "optim.lr=-1", f"hydra.run.dir={tmp_path}"), "positive learning rate")
     assert (tmp_path / "summary.json").read_bytes() == stopped  # still says how the run stopped, not "failed"
 
     resumed = run_cli(*SURVIVOR, f"hydra.run.dir={tmp_path}")
@@ -507,6 +508,27 @@ def test_a_failure_replaces_a_summary_that_is_not_a_json_object(tmp_path):
     record_failure(tmp_path, ConfigError("optim.lr", -1, "a positive learning rate"), {"num": 2, "overrides": []})
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["job"] == {"num": 2, "overrides": []}
+
+
+def test_a_command_refused_for_its_value_or_data_leaves_the_summary_of_a_run_that_started_here(tmp_path):
+    """A killed run's summary says ``running`` at the step it reached (the index: ``killed``, and how to
+    resume it); a command with a bad value, or without the data, in its directory never touched that run, so
+    the summary stays. An unreadable checkpoint is the run's own failure, and is recorded."""
+    from bnopt.cli import record_failure
+    from bnopt.data import DatasetNotFoundError
+    from bnopt.train import ResumeError
+
+    killed = {"status": "running", "steps": 250, "final": {}, "started": "2026-12-02T08:00:00", "error": None,
+              "job": {"num": None, "overrides": ["+experiment=dln_bn"]}}
+    (tmp_path / "summary.json").write_text(json.dumps(killed))
+    stopped = (tmp_path / "summary.json").read_bytes()
+    job = {"num": None, "overrides": ["+experiment=dln_bn", "optim.lr=-1"]}
+    record_failure(tmp_path, ConfigError("optim.lr", -1, "a positive learning rate"), job)
+    record_failure(tmp_path, DatasetNotFoundError("MNIST not found in data/"), job)
+    assert (tmp_path / "summary.json").read_bytes() == stopped
+    record_failure(tmp_path, ResumeError("checkpoint.pt cannot be read"), job)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {**killed, "status": "failed", "error": "ResumeError: checkpoint.pt cannot be read"}
 
 
 def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_path):

@@ -4,9 +4,10 @@ User errors (a bad config value, a missing or damaged data set, a checkpoint of 
 directory, a run that another process is training) print one line and exit with status 2, no traceback. In a
 sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
 refused because its directory holds another run (another config, or a trainer at work) leaves that run's
-summary as it is. A signal that stops a job of a sweep run job by job (Hydra's default launcher) stops the
-sweep too, with exit status 130, as does a Ctrl-C that reaches the process of a sweep of any launcher
-(for SLURM it stops the waiting: the submitted jobs go on).
+summary as it is, and so does a command refused for a bad value or missing data in the directory of a run that
+started training (its summary says how that run stopped). A signal that stops a job of a sweep run job by job
+(Hydra's default launcher) stops the sweep too, with exit status 130, as does a Ctrl-C that reaches the
+process of a sweep of any launcher (for SLURM it stops the waiting: the submitted jobs go on).
 """
 
 from __future__ import annotations
@@ -140,14 +141,18 @@ def end_sweep(sweep_dir: Path, why: str) -> NoReturn:
 
 def record_failure(run_dir: Path, err: Exception, job: dict) -> None:
     """A ``failed`` summary for errors raised before the run wrote its own (a bad value, missing data, an
-    unreadable checkpoint), unless the run finished before; a later failure replaces an earlier one. A
-    summary already there keeps its ``job``. Written only under the run directory's lock: a command refused
-    for a bad value must not write over the summary of a run that another process is training."""
+    unreadable checkpoint); a later failure replaces an earlier one, and a summary already there keeps its
+    ``job``. A run that started training here keeps its summary, which says how it stopped (killed,
+    interrupted, failed, finished) and from where the right command resumes it: a command refused for its
+    value or data never touched that run. Only the run's own files being unreadable (a ResumeError) is its
+    failure. Written only under the run directory's lock: a command refused for a bad value must not write
+    over the summary of a run that another process is training."""
     run = RunDirectory(run_dir)
     try:
         with run.claimed():
             previous = run.read_summary() or {"job": job}
-            if previous.get("status") not in FINISHED:
+            trained_here = "started" in previous  # only train() writes it, as a run starts
+            if previous.get("status") not in FINISHED and (isinstance(err, ResumeError) or not trained_here):
                 run.write_summary({**previous, **failed(err)})
     except (RunBusyError, OSError):
         pass  # another process's run, or an unwritable directory (itself the error being reported)
