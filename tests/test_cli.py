@@ -533,27 +533,41 @@ def test_a_command_refused_for_its_value_or_data_leaves_the_summary_of_a_run_tha
 
 def test_a_run_that_another_process_is_training_is_refused_and_left_alone(tmp_path):
     """Two processes in one run directory would interleave metrics rows and overwrite checkpoints; the second
-    is refused in one line and touches nothing, also as a sweep job (the sweep goes on). The SIGKILL test
-    above shows that a killed trainer leaves no lock behind."""
+    is refused and touches nothing (the command line's one-line errors: the slow test below). The SIGKILL
+    test above shows that a killed trainer leaves no lock behind."""
     from bnopt.rundir import RunBusyError, RunDirectory
+
+    run_dir = tmp_path / "job"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"status": "running"}\n')  # as the trainer wrote it
+    with RunDirectory(run_dir).claimed():  # this process is the trainer
+        with pytest.raises(RunBusyError, match=f"{run_dir} is being trained by pid {os.getpid()}"):
+            train_run(run_dir, "+experiment=dln_bn", "scale=smoke")
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "summary.json"]
+        assert (run_dir / "summary.json").read_text() == '{"status": "running"}\n'
+    assert train_run(run_dir, "+experiment=dln_bn", "scale=smoke")["status"] == "completed"  # released with the block
+
+
+# slow (15 s, three commands): the oldest-versions stage of CI took 10:05 against its 10 minutes
+@pytest.mark.slow
+def test_commands_into_a_run_that_another_process_is_training_are_refused_in_one_line(tmp_path):
+    """As a single run, with a bad value, and as a sweep job (the sweep goes on)."""
+    from bnopt.rundir import RunDirectory
 
     smoke = ("+experiment=dln_bn", "scale=smoke")
     run_dir = tmp_path / "sweep" / "job"
     run_dir.mkdir(parents=True)
-    (run_dir / "summary.json").write_text('{"status": "running"}\n')  # as the trainer wrote it
-    with RunDirectory(run_dir).claimed():  # this process is the trainer
+    (run_dir / "summary.json").write_text('{"status": "running"}\n')
+    with RunDirectory(run_dir).claimed():
         assert_one_line_error(run_cli(*smoke, f"hydra.run.dir={run_dir}"),
                               f"{run_dir} is being trained by pid {os.getpid()}", "(hydra.run.dir=...)")
         assert_one_line_error(run_cli(*smoke, "optim.lr=-1", f"hydra.run.dir={run_dir}"), "optim.lr=-1")
         sweep = run_cli("-m", *smoke, "seed=0", f"hydra.sweep.dir={run_dir.parent}", "hydra.sweep.subdir=job")
         assert sweep.returncode == 0 and "is being trained by" in sweep.stderr, sweep.stderr
         assert "another output directory (hydra.sweep.dir=...)" in sweep.stderr
-        with pytest.raises(RunBusyError):
-            train_run(run_dir, *smoke)
         written = sorted(p.name for p in run_dir.iterdir() if p.name not in (".hydra", "train.log"))  # Hydra's
         assert written == [".lock", "summary.json"]
         assert (run_dir / "summary.json").read_text() == '{"status": "running"}\n'
-    assert train_run(run_dir, *smoke)["status"] == "completed"  # released with the block
 
 
 def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, capsys):
