@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,21 @@ def test_where_locks_cannot_be_tested_a_holder_on_this_machine_is_gone_when_its_
         (tmp_path / ".lock").write_text(f"pid {pid} on {socket.gethostname()}\n")
         assert runlock.trainer_gone(tmp_path) is gone
 
+
+def test_on_windows_a_holder_on_this_machine_is_never_taken_for_gone_nor_signalled(tmp_path, monkeypatch):
+    """Reading runs works without flock (Windows), where os.kill(pid, 0) would end the process with that pid:
+    a run trained under WSL, which shares Windows' host name, read from Windows must kill nothing there."""
+    from bnopt import runlock
+
+    def kill(pid, signal):
+        raise AssertionError(f"os.kill({pid}, {signal}) ends process {pid} on Windows")
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text(f"pid {int(ended.stdout)} on {socket.gethostname()}\n")
+    monkeypatch.setattr(runlock, "fcntl", None)
+    assert runlock.trainer_gone(tmp_path) is True  # POSIX without flock: asks the pid, which is gone
+    monkeypatch.setattr(runlock, "os", types.SimpleNamespace(name="nt", kill=kill))  # runlock's os alone
+    assert runlock.trainer_gone(tmp_path) is False
 
 def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
     train_run(tmp_path / "run", "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=2")

@@ -15,7 +15,7 @@ from typing import Iterator
 
 try:
     import fcntl
-except ImportError:  # not POSIX (Windows): run directories are not locked
+except ImportError:  # Windows: runs cannot be trained there (bnopt.data and bnopt.sweeps need flock), only read
     fcntl = None
 
 LOCK_FILE = ".lock"
@@ -93,6 +93,8 @@ def _lock_free(lock: Path) -> bool | None:
 
 
 def _pid_gone(pid: str) -> bool:
+    if os.name != "posix":  # Windows' os.kill ends the process it names, whatever the signal: never ask there
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
