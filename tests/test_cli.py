@@ -3,6 +3,7 @@ default run directory, and runs that survive being killed."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from bnopt.cli import SLURM_LAUNCHER, sweep_stopped_by_ctrl_c
+from bnopt.cli import SLURM_LAUNCHER, override_word, sweep_stopped_by_ctrl_c
 from bnopt.config import ONE_CONFIG_GROUPS, ConfigError, check_against_run, check_config, check_one_config_per_group
 from bnopt.hydra_callbacks import SweepIndex
 from bnopt.synthetic import write_mnist
@@ -411,21 +413,47 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
     assert f"{tmp_path}: completed at step 600; train/loss " in log
 
 
+def read_back_override(word: str) -> str:
+    """The value Hydra, then OmegaConf, make of ``word`` pasted into a shell."""
+    [override] = shlex.split(word)
+    return OmegaConf.create({"value": OverridesParser.create().parse_override(override).value()}).value
+
+
+@pytest.mark.parametrize("path", ["/runs/plain/r-1_2.3", "/home/My Drive/runs", "/runs/a,b", "/runs/it's",
+                                  "/runs/a\\'b", '/runs/a\\"b', '/runs/q"q', "/runs/end\\", "/runs/end\\\\",
+                                  "/runs/x=y", "/runs/a~b#c", "/runs/[a]{b}(c)", "/runs/$HOME/${x}",
+                                  "/runs/\\${x}", "/runs/a\\b", "/runs/tab\there", "/runs/ü", "/runs/ü ñ", "1e5", "true", "null",
+                                  "sweep"])
+def test_a_directory_to_continue_in_is_printed_as_one_shell_word_that_hydra_reads_back(path):
+    """The line an interrupted run or sweep prints names the directory to continue in; a space or a comma in
+    it (a home directory named "My Drive") made that override two shell words, or a sweep over two values."""
+    word = override_word("hydra.run.dir", Path(path))
+    assert word.startswith(("hydra.run.dir=", "'hydra.run.dir="))
+    assert read_back_override(word) == path
+    if path == "/runs/plain/r-1_2.3":
+        assert word == f"hydra.run.dir={path}"  # as typed, where nothing needs quoting
+    assert read_back_override(override_word("hydra.run.dir", Path("runs") / path.lstrip("/"))) == \
+        f"runs/{path.lstrip('/')}"  # relative
+
+
 def test_a_signal_stops_a_sweep_run_job_by_job_with_its_index_written(tmp_path):
     """A first Ctrl-C checkpoints the job it lands in; the sweep's next jobs must not start after it (they
-    did: one Ctrl-C per job was needed to stop a sweep). The index says where it stopped."""
+    did: one Ctrl-C per job was needed to stop a sweep). The index says where it stopped, and the line that
+    says how to continue gives its directory, which has a space in its name, as one shell word."""
+    sweep_dir = tmp_path / "a sweep"
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "-m", "+experiment=dln_bn", "scale=smoke",
-                                "probes=none", "train.steps=1000000", "seed=0,1", f"hydra.sweep.dir={tmp_path}"],
+                                "probes=none", "train.steps=1000000", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(tmp_path / "0", 50, process)
+    wait_for_step(sweep_dir / "0", 50, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert f"interrupted, so the sweep stops here; to continue it, run the same command with " \
-           f"hydra.sweep.dir={tmp_path}" in stderr
-    assert json.loads((tmp_path / "0" / "summary.json").read_text())["status"] == "interrupted"
-    assert not (tmp_path / "1").exists()
-    assert [(r["job"], r["dir"], r["status"]) for r in read_index(tmp_path)] == [
+    stop = "interrupted, so the sweep stops here; to continue it, run the same command with "
+    assert f"{stop}'hydra.sweep.dir=\"{sweep_dir}\"'\n" in stderr
+    assert read_back_override(stderr.split(stop)[1].splitlines()[0]) == str(sweep_dir)
+    assert json.loads((sweep_dir / "0" / "summary.json").read_text())["status"] == "interrupted"
+    assert not (sweep_dir / "1").exists()
+    assert [(r["job"], r["dir"], r["status"]) for r in read_index(sweep_dir)] == [
         ("0", "0", "interrupted"), ("1", "", "not started")]
 
 

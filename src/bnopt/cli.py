@@ -13,6 +13,8 @@ process of a sweep of any launcher (for SLURM it stops the waiting: the submitte
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -85,7 +87,7 @@ def main(cfg: DictConfig) -> dict | None:
     if summary["status"] == "interrupted":
         if not in_sweep:
             print(f"{run_dir}: interrupted at step {summary['steps']}; to continue it, run the same command with "
-                  f"hydra.run.dir={run_dir}", file=sys.stderr)
+                  f"{override_word('hydra.run.dir', run_dir)}", file=sys.stderr)
         elif hydra_cfg.launcher._target_ == BASIC_LAUNCHER:
             stop_sweep(Path(hydra_cfg.sweep.dir), run_dir)
     return summary
@@ -120,14 +122,29 @@ def sweep_stopped_by_ctrl_c() -> None:
     sweep_dir, launcher = SweepIndex.launched
     if launcher == SLURM_LAUNCHER:
         why = (f"stopped waiting for the sweep in {sweep_dir}: its jobs submitted to SLURM go on (squeue and "
-               f"scancel list and cancel them); python scripts/sweep_index.py {sweep_dir} lists them again")
+               f"scancel list and cancel them); python scripts/sweep_index.py {shlex.quote(str(sweep_dir))} lists them "
+               "again")
     else:
         why = f"the sweep stopped (Ctrl-C); {how_to_continue(sweep_dir)}"
     end_sweep(sweep_dir, why)
 
 
 def how_to_continue(sweep_dir: Path) -> str:
-    return f"to continue it, run the same command with hydra.sweep.dir={sweep_dir}"
+    return f"to continue it, run the same command with {override_word('hydra.sweep.dir', sweep_dir)}"
+
+
+def override_word(key: str, path: Path) -> str:
+    """``key=path`` as one word to paste into a shell, which Hydra reads back as ``path``: a directory with a
+    space, a comma or a quote in its name (under a home directory named "My Drive") goes in Hydra's double
+    quotes, then in the shell's. In Hydra's quotes a backslash escapes only a quote and the backslashes before
+    one (or before the closing quote); OmegaConf then reads ``${`` as an interpolation unless escaped, and
+    the backslashes before it likewise."""
+    text = str(path)
+    if re.fullmatch(r"[A-Za-z0-9_.@%+:-]*/[A-Za-z0-9_./@%+:-]*", text):  # with a "/", never a number or a bool
+        return f"{key}={text}"
+    escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf's escapes
+    escaped = re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), escaped)
+    return shlex.quote(f'{key}="{escaped}"')
 
 
 def end_sweep(sweep_dir: Path, why: str) -> NoReturn:
