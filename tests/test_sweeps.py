@@ -329,6 +329,7 @@ def test_on_windows_a_holder_on_this_machine_is_never_taken_for_gone_nor_signall
     monkeypatch.setattr(runlock, "os", types.SimpleNamespace(name="nt", kill=kill))  # runlock's os alone
     assert runlock.trainer_gone(tmp_path) is False
 
+
 def test_the_index_script_leaves_a_run_directory_alone(tmp_path):
     train_run(tmp_path / "run", "+experiment=dln_bn", "scale=smoke", "probes=none", "train.steps=2")
     result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path / "run")],
