@@ -79,7 +79,7 @@ sweep() {
       sed 's/^/  /' "$UNFINISHED"
       if grep -q "another config" "$UNFINISHED"; then
         echo "A recipe places each run by its norm, lr and seed only; give runs of other overrides their own tree:"
-        echo "  RESULTS=<another dir> $0 $SCALE ${EXTRA[*]-}"
+        echo "  RESULTS=<another dir> $(printf '%q ' "$0" "$SCALE" ${EXTRA[@]+"${EXTRA[@]}"})"  # to paste
       fi
       if grep -q "another process" "$UNFINISHED"; then
         echo "Run the recipe again when the other process has ended: it then finds those runs finished."

@@ -4,6 +4,7 @@ finds every run it needs finished and trains nothing)."""
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -85,11 +86,17 @@ def test_a_recipe_whose_runs_were_made_with_other_overrides_stops_before_drawing
     run_recipe("fig9_dln_landscape.sh", data, results, "threads=2", "name=renamed", "device=cpu")
     assert trained_runs(results) == runs
     drawn = figure.stat().st_mtime_ns
-    other = start_recipe("fig9_dln_landscape.sh", data, results, "threads=1", "optim.momentum=0.9")
+    overrides = ("threads=1", "optim.momentum=0.9", "optim.schedule=multistep", "optim.milestones=[100, 200]")
+    other = start_recipe("fig9_dln_landscape.sh", data, results, *overrides)
     assert other.returncode == 2, other.stdout[-3000:] + other.stderr[-3000:]
     refused = [line for line in other.stderr.splitlines() if "holds a run of another config" in line]
-    assert len(refused) == len(runs) and all("(optim.momentum: 0.0 -> 0.9)" in line for line in refused)
-    assert "RESULTS=<another dir>" in other.stderr and "wrote" not in other.stdout
+    assert len(refused) == len(runs) and all(
+        "(optim.milestones: [] -> [100, 200], optim.momentum: 0.0 -> 0.9, optim.schedule: 'constant' -> 'multistep')"
+        in line for line in refused)
+    [suggestion] = [line for line in other.stderr.splitlines() if "RESULTS=<another dir>" in line]
+    assert shlex.split(suggestion.split("RESULTS=<another dir>")[1]) == [  # a command to paste, spaces and all
+        str(REPO / "experiments" / "fig9_dln_landscape.sh"), "smoke", *overrides]
+    assert "wrote" not in other.stdout
     assert figure.stat().st_mtime_ns == drawn and trained_runs(results) == runs
     assert not list(results.glob(".unfinished-jobs.*"))  # the recipe's list of such jobs goes with it
 
