@@ -49,6 +49,28 @@ mkdir -p "$RESULTS"
 UNFINISHED="$(mktemp "$RESULTS/.unfinished-jobs.XXXXXX")"
 trap 'rm -f "$UNFINISHED"' EXIT
 
+# hydra_override <key> <path>: key=path as one argument that Hydra, then OmegaConf, read back as path. A plain
+# path goes as typed; any other in Hydra's double quotes, escaped as bnopt.cli.hydra_override does it: Hydra
+# refused a clone in "bnopt (1)" or under a home directory named José, and took a comma for a sweep over two
+# directories. In Hydra's quotes a backslash escapes only a quote and the backslashes before one (or before the
+# closing quote); OmegaConf reads ${ as an interpolation unless escaped, and the backslashes before it likewise.
+hydra_override() {
+  local LC_ALL=C key=$1 text=$2 quoted="" backslashes="" char  # C: [A-Za-z] is ASCII, a character a byte
+  if [[ $text == */* && $text != *[!A-Za-z0-9_.@%+:/-]* ]]; then printf '%s=%s' "$key" "$text"; return; fi
+  while [ -n "$text" ]; do
+    char=${text:0:1} text=${text:1}
+    if [ "$char" = '\' ]; then backslashes+=$char; continue; fi
+    if [ "$char" = '"' ] || { [ "$char" = '$' ] && [ "${text:0:1}" = '{' ]; }; then
+      quoted+="$backslashes$backslashes\\$char"
+    else
+      quoted+="$backslashes$char"
+    fi
+    backslashes=""
+  done
+  printf '%s="%s"' "$key" "$quoted$backslashes$backslashes"
+}
+RECORD_OVERRIDE="$(hydra_override +hydra.callbacks.unfinished_jobs.record "$UNFINISHED")"
+
 # sweep <experiment> <model> [store suffix]: every job of the experiment's Hydra sweep, at its fixed place.
 sweep() {
   local experiment=$1 model=$2 store="$2${3:-}" scale=$SCALE data
@@ -63,9 +85,9 @@ sweep() {
   echo "== $experiment: scale=$scale data=$data -> $RESULTS/$scale-$data/$store/"
   local status=0
   python "$REPO/train.py" -m "+experiment=$experiment" "scale=$scale" "data=$data" \
-    "hydra.sweep.dir=$RESULTS/$scale-$data/$store" 'hydra.sweep.subdir=${norm.name}_lr${optim.lr}_seed${seed}' \
-    '+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs' \
-    "+hydra.callbacks.unfinished_jobs.record=$UNFINISHED" \
+    "$(hydra_override hydra.sweep.dir "$RESULTS/$scale-$data/$store")" \
+    'hydra.sweep.subdir=${norm.name}_lr${optim.lr}_seed${seed}' \
+    '+hydra.callbacks.unfinished_jobs._target_=bnopt.hydra_callbacks.UnfinishedJobs' "$RECORD_OVERRIDE" \
     ${launcher[@]+"${launcher[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
   if [ "$status" = 130 ]; then  # a signal stopped the sweep job by job: the recipe stops too
     echo "$0: interrupted; run the recipe again to continue (finished runs are skipped, the others resume)" >&2

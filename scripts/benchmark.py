@@ -250,6 +250,7 @@ def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int, tf3
     start-up or loading), each run of ours between two bare runs."""
     from hydra import compose, initialize_config_dir
 
+    from bnopt.cli import hydra_override
     from bnopt.data import load_data
     from bnopt.synthetic import write_cifar10, write_mnist
     from bnopt.train import train
@@ -264,7 +265,7 @@ def loop_overhead(s: Setting, device: torch.device, steps: int, rounds: int, tf3
         configs = Path(__file__).resolve().parents[1] / "configs"
 
         def compose_run(n: int):
-            files = [] if "dln" in s.overrides[0] else [f"data.root={root}", "data.download=false"]
+            files = [] if "dln" in s.overrides[0] else [hydra_override("data.root", root), "data.download=false"]
             with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
                 return compose("train", overrides=[*s.overrides, *files, f"train.steps={n}", "train.log_every=100",
                                                    f"train.eval_every={10 * n}", f"train.checkpoint_every={10 * n}",

@@ -419,11 +419,14 @@ def read_back_override(word: str) -> str:
     return OmegaConf.create({"value": OverridesParser.create().parse_override(override).value()}).value
 
 
-@pytest.mark.parametrize("path", ["/runs/plain/r-1_2.3", "/home/My Drive/runs", "/runs/a,b", "/runs/it's",
-                                  "/runs/a\\'b", '/runs/a\\"b', '/runs/q"q', "/runs/end\\", "/runs/end\\\\",
-                                  "/runs/x=y", "/runs/a~b#c", "/runs/[a]{b}(c)", "/runs/$HOME/${x}",
-                                  "/runs/\\${x}", "/runs/a\\b", "/runs/tab\there", "/runs/ü", "/runs/ü ñ",
-                                  "1e5", "true", "null", "sweep"])
+# Paths Hydra's override grammar or OmegaConf read otherwise if given unquoted, and a plain one
+ODD_PATHS = ["/runs/plain/r-1_2.3", "/home/My Drive/runs", "/runs/a,b", "/runs/it's", "/runs/a\\'b", '/runs/a\\"b',
+             '/runs/q"q', "/runs/end\\", "/runs/end\\\\", "/runs/x=y", "/runs/a~b#c", "/runs/[a]{b}(c)",
+             "/runs/$HOME/${x}", "/runs/\\${x}", "/runs/a\\b", "/runs/tab\there", "/runs/ü", "/runs/ü ñ", "1e5", "true",
+             "null", "sweep"]
+
+
+@pytest.mark.parametrize("path", ODD_PATHS)
 def test_a_directory_to_continue_in_is_printed_as_one_shell_word_that_hydra_reads_back(path):
     """The line an interrupted run or sweep prints names the directory to continue in; a space or a comma in
     it (a home directory named "My Drive") made that override two shell words, or a sweep over two values."""

@@ -11,20 +11,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
+from bnopt.cli import hydra_override
 from bnopt.synthetic import write_cifar10, write_mnist
 from conftest import REPO, assert_every_figure_drawn
+from test_cli import ODD_PATHS
 
 RECIPES = sorted(p.name for p in (REPO / "experiments").glob("*.sh") if p.name not in ("common.sh", "all.sh"))
 
 
 @pytest.fixture
 def workspace(tmp_path):
-    """Synthetic CIFAR-10 and MNIST in the real formats under one data root, and an empty results tree."""
+    """Synthetic CIFAR-10 and MNIST in the real formats under one data root, and an empty results tree, in a
+    clone named as a second download is (Hydra refused such a directory given to it unquoted)."""
     data = tmp_path / "data"
     write_cifar10(data)
     write_mnist(data / "MNIST" / "raw")
-    return data, tmp_path / "results"
+    return data, tmp_path / "bnopt (1)" / "José's results"
 
 
 def start_recipe(name: str, data: Path, results: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -112,38 +117,94 @@ def test_a_recipe_whose_jobs_failed_names_them_and_draws_nothing(workspace, tmp_
     assert "wrote" not in failed.stdout and not (results / "figures").exists()
 
 
-def fake_python(tmp_path: Path, unfinished: str = "") -> dict:
-    """An environment whose `python` records its arguments (one call per line in ``tmp_path/calls``) and trains
-    nothing; given ``unfinished``, each sweep job reports that line to the recipe's record, as UnfinishedJobs
-    does. The recipe's own logic (where each run goes, what it says) runs for real, at any scale, in no time."""
+FAKE_PYTHON = """\
+import json, os, sys
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+with open(os.environ["FAKE_CALLS"], "a") as calls:
+    print(json.dumps(sys.argv[1:]), file=calls)
+for argument in sys.argv[1:]:
+    if argument.startswith("+hydra.callbacks.unfinished_jobs.record=") and os.environ["FAKE_UNFINISHED"]:
+        value = OverridesParser.create().parse_override(argument).value()  # the file as Hydra, then OmegaConf, read it
+        with open(OmegaConf.create({"record": value}).record, "a") as record:
+            print(os.environ["FAKE_UNFINISHED"], file=record)
+"""
+
+
+def fake_python(tmp_path: Path, unfinished: str = "", results: Path | None = None) -> dict:
+    """An environment whose `python` records its arguments (one call per line in ``tmp_path/calls``, a JSON
+    list) and trains nothing; given ``unfinished``, each sweep job reports that line to the recipe's record, as
+    UnfinishedJobs does. The recipe's own logic (where each run goes, what it says) runs for real, at any scale,
+    in no time."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
+    (tmp_path / "fake_python.py").write_text(FAKE_PYTHON)
     (bin_dir / "python").write_text(
-        '#!/bin/sh\necho "$*" >> "$FAKE_CALLS"\n'
-        'for a; do case $a in +hydra.callbacks.unfinished_jobs.record=*)\n'
-        '  [ -z "$FAKE_UNFINISHED" ] || echo "$FAKE_UNFINISHED" >> "${a#*=}";; esac; done\n')
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(tmp_path / "fake_python.py"))} "$@"\n')
     (bin_dir / "python").chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_CALLS": str(tmp_path / "calls"),
-            "FAKE_UNFINISHED": unfinished, "RESULTS": str(tmp_path / "results")}
+            "FAKE_UNFINISHED": unfinished, "RESULTS": str(results or tmp_path / "results")}
+
+
+def recorded_calls(tmp_path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+
+
+def sweep_dir(call: list[str]) -> str:
+    """The directory Hydra, then OmegaConf, make of the sweep's ``hydra.sweep.dir`` override."""
+    [override] = [argument for argument in call if argument.startswith("hydra.sweep.dir=")]
+    return OmegaConf.create({"dir": OverridesParser.create().parse_override(override).value()}).dir
 
 
 @pytest.mark.parametrize("recipe, sweeps, sets", [
-    ("fig3_ics.sh", ["+experiment=fig3_vgg scale=cpu data=cifar10 hydra.sweep.dir={r}/cpu-cifar10/vgg ",
-                     "+experiment=fig3_dln scale=paper data=gaussian_regression "
-                     "hydra.sweep.dir={r}/paper-gaussian_regression/dln "], "{r}/cpu-cifar10/ {r}/paper-gaussian_regression/"),
-    ("is_fig1_mlp.sh", ["+experiment=is_fig1 scale=paper data=mnist hydra.sweep.dir={r}/paper-mnist/mlp "],
-     "{r}/paper-mnist/"),
+    ("fig3_ics.sh", [("fig3_vgg", "cpu", "cifar10", "vgg"), ("fig3_dln", "paper", "gaussian_regression", "dln")],
+     ["cpu-cifar10", "paper-gaussian_regression"]),
+    ("is_fig1_mlp.sh", [("is_fig1", "paper", "mnist", "mlp")], ["paper-mnist"]),
 ])
 def test_at_cpu_scale_a_recipe_shrinks_vgg_alone(tmp_path, recipe, sweeps, sets):
     """scale=cpu shrinks VGG only: the MLP and DLN runs are made, and stored, as the paper's runs."""
     env = fake_python(tmp_path)
     result = subprocess.run(["bash", str(REPO / "experiments" / recipe), "cpu"], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
-    calls = (tmp_path / "calls").read_text().splitlines()
+    *calls, figures = recorded_calls(tmp_path)
     r = tmp_path / "results"
-    assert len(calls) == len(sweeps) + 1
-    assert all(sweep.format(r=r) in call for sweep, call in zip(sweeps, calls))
-    assert calls[-1].endswith(f"--runs {sets.format(r=r)} --out {r}/figures")
+    assert len(calls) == len(sweeps)
+    for (experiment, scale, data, model), call in zip(sweeps, calls):
+        assert call[1:5] == ["-m", f"+experiment={experiment}", f"scale={scale}", f"data={data}"]
+        assert f"hydra.sweep.dir={r}/{scale}-{data}/{model}" in call  # as typed, where nothing needs quoting
+    assert figures[figures.index("--runs"):] == ["--runs", *(f"{r}/{s}/" for s in sets), "--out", f"{r}/figures"]
+
+
+@pytest.mark.parametrize("name", ["bnopt (1)/José's, results", 'q"uote\\/\\${x}\\'])
+def test_a_recipe_gives_hydra_its_directories_whatever_their_names(tmp_path, name):
+    """RESULTS (by default results/ in the clone) went to Hydra unquoted: a clone in "bnopt (1)" or under a home
+    directory named José stopped every recipe with a Hydra parse error, and a comma made a sweep over two
+    directories. Hydra, then OmegaConf, must read each directory back as it is named."""
+    results = tmp_path / "tree" / name
+    result = subprocess.run(["bash", str(REPO / "experiments" / "fig3_ics.sh"), "cpu"], capture_output=True,
+                            text=True, env=fake_python(tmp_path, results=results))
+    assert result.returncode == 0, result.stderr
+    *calls, figures = recorded_calls(tmp_path)
+    assert [sweep_dir(call) for call in calls] == [f"{results}/cpu-cifar10/vgg",
+                                                   f"{results}/paper-gaussian_regression/dln"]
+    assert figures[-4:] == [f"{results}/cpu-cifar10/", f"{results}/paper-gaussian_regression/", "--out",
+                            f"{results}/figures"]
+    result = subprocess.run(["bash", str(REPO / "experiments" / "fig3_ics.sh"), "cpu"], capture_output=True,
+                            text=True, env=fake_python(tmp_path, unfinished="/runs/x: ended failed", results=results))
+    assert result.returncode == 2 and "  /runs/x: ended failed\n" in result.stderr  # its jobs' record was read
+
+
+def test_the_recipes_quote_a_directory_for_hydra_as_the_python_side_does(tmp_path):
+    """experiments/common.sh's hydra_override is bnopt.cli.hydra_override in bash: the same word for every odd
+    path (the Python one is checked against what Hydra and OmegaConf read back)."""
+    paths = [*ODD_PATHS, *(f"runs/{path.lstrip('/')}" for path in ODD_PATHS), "/runs/\\\\${a}\\\"b\\"]
+    script = f'source {shlex.quote(str(REPO / "experiments" / "common.sh"))} smoke; ' \
+             'for path; do hydra_override hydra.sweep.dir "$path"; printf "\\0"; done'
+    result = subprocess.run(["bash", "-c", script, "bash", *paths], capture_output=True, text=True,
+                            env={**os.environ, "RESULTS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\0")[:-1] == [hydra_override("hydra.sweep.dir", Path(path)) for path in paths]
 
 
 @pytest.mark.parametrize("why, advice", [
@@ -156,7 +217,7 @@ def test_a_recipe_with_unfinished_jobs_says_what_to_do_about_them(tmp_path, why,
     result = subprocess.run(["bash", str(REPO / "experiments" / "fig12_lp_dln.sh"), "cpu"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2 and f"  /runs/none_lr0.1_seed0: {why}" in result.stderr and advice in result.stderr
-    assert len((tmp_path / "calls").read_text().splitlines()) == 1  # no figure drawn
+    assert len(recorded_calls(tmp_path)) == 1  # no figure drawn
 
 
 @pytest.mark.parametrize("arguments, message", [

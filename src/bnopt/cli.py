@@ -134,17 +134,23 @@ def how_to_continue(sweep_dir: Path) -> str:
 
 
 def override_word(key: str, path: Path) -> str:
-    """``key=path`` as one word to paste into a shell, which Hydra reads back as ``path``: a directory with a
-    space, a comma or a quote in its name (under a home directory named "My Drive") goes in Hydra's double
-    quotes, then in the shell's. In Hydra's quotes a backslash escapes only a quote and the backslashes before
-    one (or before the closing quote); OmegaConf then reads ``${`` as an interpolation unless escaped, and
-    the backslashes before it likewise."""
+    """``key=path`` as one word to paste into a shell, which Hydra reads back as ``path`` (a directory with a
+    space in its name, under a home directory named "My Drive", goes in the shell's quotes too)."""
+    return shlex.quote(hydra_override(key, path))
+
+
+def hydra_override(key: str, path: Path) -> str:
+    """``key=path`` as one override that Hydra, then OmegaConf, read back as ``path``: a plain path as typed,
+    any other (a comma made a sweep over two values; a quote, brackets or a non-ASCII letter a parse error) in
+    Hydra's double quotes. In them a backslash escapes only a quote and the backslashes before one (or before
+    the closing quote); OmegaConf then reads ``${`` as an interpolation unless escaped, and the backslashes
+    before it likewise. ``hydra_override`` in experiments/common.sh is its counterpart for the recipes."""
     text = str(path)
     if re.fullmatch(r"[A-Za-z0-9_.@%+:-]*/[A-Za-z0-9_./@%+:-]*", text):  # with a "/", never a number or a bool
         return f"{key}={text}"
     escaped = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)  # OmegaConf's escapes
     escaped = re.sub(r'(\\*)("|$)', lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""), escaped)
-    return shlex.quote(f'{key}="{escaped}"')
+    return f'{key}="{escaped}"'
 
 
 def end_sweep(sweep_dir: Path, why: str) -> NoReturn:
