@@ -416,6 +416,11 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, unin
 def read_back_override(word: str) -> str:
     """The value Hydra, then OmegaConf, make of ``word`` pasted into a shell."""
     [override] = shlex.split(word)
+    return hydra_reads(override)
+
+
+def hydra_reads(override: str) -> str:
+    """The value Hydra, then OmegaConf, make of ``override``, one command-line argument."""
     return OmegaConf.create({"value": OverridesParser.create().parse_override(override).value()}).value
 
 

@@ -11,13 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from bnopt.cli import hydra_override
 from bnopt.synthetic import write_cifar10, write_mnist
 from conftest import REPO, assert_every_figure_drawn
-from test_cli import ODD_PATHS
+from test_cli import ODD_PATHS, hydra_reads
 
 RECIPES = sorted(p.name for p in (REPO / "experiments").glob("*.sh") if p.name not in ("common.sh", "all.sh"))
 
@@ -147,6 +145,11 @@ def fake_python(tmp_path: Path, unfinished: str = "", results: Path | None = Non
             "FAKE_UNFINISHED": unfinished, "RESULTS": str(results or tmp_path / "results")}
 
 
+def run_faked(recipe: str, env: dict) -> subprocess.CompletedProcess:
+    """``experiments/<recipe> cpu`` under a ``fake_python`` environment, whatever its exit status."""
+    return subprocess.run(["bash", str(REPO / "experiments" / recipe), "cpu"], capture_output=True, text=True, env=env)
+
+
 def recorded_calls(tmp_path: Path) -> list[list[str]]:
     return [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
 
@@ -154,7 +157,7 @@ def recorded_calls(tmp_path: Path) -> list[list[str]]:
 def sweep_dir(call: list[str]) -> str:
     """The directory Hydra, then OmegaConf, make of the sweep's ``hydra.sweep.dir`` override."""
     [override] = [argument for argument in call if argument.startswith("hydra.sweep.dir=")]
-    return OmegaConf.create({"dir": OverridesParser.create().parse_override(override).value()}).dir
+    return hydra_reads(override)
 
 
 @pytest.mark.parametrize("recipe, sweeps, sets", [
@@ -164,8 +167,7 @@ def sweep_dir(call: list[str]) -> str:
 ])
 def test_at_cpu_scale_a_recipe_shrinks_vgg_alone(tmp_path, recipe, sweeps, sets):
     """scale=cpu shrinks VGG only: the MLP and DLN runs are made, and stored, as the paper's runs."""
-    env = fake_python(tmp_path)
-    result = subprocess.run(["bash", str(REPO / "experiments" / recipe), "cpu"], capture_output=True, text=True, env=env)
+    result = run_faked(recipe, fake_python(tmp_path))
     assert result.returncode == 0, result.stderr
     *calls, figures = recorded_calls(tmp_path)
     r = tmp_path / "results"
@@ -182,16 +184,14 @@ def test_a_recipe_gives_hydra_its_directories_whatever_their_names(tmp_path, nam
     directory named José stopped every recipe with a Hydra parse error, and a comma made a sweep over two
     directories. Hydra, then OmegaConf, must read each directory back as it is named."""
     results = tmp_path / "tree" / name
-    result = subprocess.run(["bash", str(REPO / "experiments" / "fig3_ics.sh"), "cpu"], capture_output=True,
-                            text=True, env=fake_python(tmp_path, results=results))
+    result = run_faked("fig3_ics.sh", fake_python(tmp_path, results=results))
     assert result.returncode == 0, result.stderr
     *calls, figures = recorded_calls(tmp_path)
     assert [sweep_dir(call) for call in calls] == [f"{results}/cpu-cifar10/vgg",
                                                    f"{results}/paper-gaussian_regression/dln"]
     assert figures[-4:] == [f"{results}/cpu-cifar10/", f"{results}/paper-gaussian_regression/", "--out",
                             f"{results}/figures"]
-    result = subprocess.run(["bash", str(REPO / "experiments" / "fig3_ics.sh"), "cpu"], capture_output=True,
-                            text=True, env=fake_python(tmp_path, unfinished="/runs/x: ended failed", results=results))
+    result = run_faked("fig3_ics.sh", fake_python(tmp_path, unfinished="/runs/x: ended failed", results=results))
     assert result.returncode == 2 and "  /runs/x: ended failed\n" in result.stderr  # its jobs' record was read
 
 
@@ -213,9 +213,7 @@ def test_the_recipes_quote_a_directory_for_hydra_as_the_python_side_does(tmp_pat
     ("ended interrupted", "Mend what stopped them"),
 ])
 def test_a_recipe_with_unfinished_jobs_says_what_to_do_about_them(tmp_path, why, advice):
-    env = fake_python(tmp_path, unfinished=f"/runs/none_lr0.1_seed0: {why}")
-    result = subprocess.run(["bash", str(REPO / "experiments" / "fig12_lp_dln.sh"), "cpu"], capture_output=True,
-                            text=True, env=env)
+    result = run_faked("fig12_lp_dln.sh", fake_python(tmp_path, unfinished=f"/runs/none_lr0.1_seed0: {why}"))
     assert result.returncode == 2 and f"  /runs/none_lr0.1_seed0: {why}" in result.stderr and advice in result.stderr
     assert len(recorded_calls(tmp_path)) == 1  # no figure drawn
 
