@@ -350,7 +350,7 @@ def main() -> None:
         results = measure(args, device, table)
     print(markdown(results))
     if args.out:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def measure(args: argparse.Namespace, device: torch.device, table: dict[str, Setting]) -> dict:

@@ -326,6 +326,9 @@ def main() -> None:
     if not runs:
         print("error: no runs read, so no tables", file=sys.stderr)
         sys.exit(1)
+    # Markdown in UTF-8, whatever the locale: its "β", "‖" and "−" raised UnicodeEncodeError on a stdout in
+    # ASCII, Latin-1 or a Windows code page (a redirect to a file there).
+    sys.stdout.reconfigure(encoding="utf-8")
     print("\n\n".join(text for text in (section(runs) for section in SECTIONS) if text))
 
 

@@ -22,6 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR")
     all_found = True
+    sys.stdout.reconfigure(encoding="utf-8")  # the index as written (UTF-8), whatever the locale's encoding
     for directory in parser.parse_args().sweep_dirs:
         if not directory.is_dir():
             all_found = False
@@ -37,7 +38,7 @@ def main() -> int:
             print(f"{directory}: no job directories in it, nor a multirun.yaml that lists jobs (is it a sweep's?); "
                   "not indexed", file=sys.stderr)
             continue
-        print(index.read_text(), end="")
+        print(index.read_text(encoding="utf-8"), end="")
     return 0 if all_found else 1  # the others are indexed all the same
 
 

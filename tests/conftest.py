@@ -43,6 +43,14 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
                           text=True, timeout=timeout, env=full_env)
 
 
+def ascii_locale_env() -> dict:
+    """The environment of a process whose locale encoding, and so its default for files and stdout, is ASCII
+    (C locale, not coerced to UTF-8): what Latin-1 or a Windows code page does to a non-ASCII character, in
+    any machine's C locale."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONIOENCODING"}
+    return {**env, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))

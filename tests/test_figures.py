@@ -21,7 +21,7 @@ from bnopt.figures import (
 from bnopt.results import (Run, RunReadError, aggregate, completed, group_runs, load_runs, mixed_settings, read_metrics,
                            select, varying_keys)
 from bnopt.rundir import METRICS_HEADER
-from conftest import REPO, assert_every_figure_drawn, compose_config
+from conftest import REPO, ascii_locale_env, assert_every_figure_drawn, compose_config
 
 DATA = {"vgg": "fashion_mnist", "mlp": "fashion_mnist", "dln": "gaussian_regression"}
 
@@ -35,7 +35,7 @@ def fake_run(root: Path, model: str, norm: str, lr: float, seed: int = 0, steps:
     cfg = compose_config(*overrides)
     run_dir = root / f"{model}-{norm}-{lr}-{seed}-{experiment}"
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     rng = np.random.default_rng(seed)
     end = steps if diverge_at is None else diverge_at
     rows, histograms = [], []
@@ -62,7 +62,7 @@ def fake_run(root: Path, model: str, norm: str, lr: float, seed: int = 0, steps:
                 counts, edges = np.histogram(values, bins=50)
                 histograms.append((step, layer, counts, edges))
     text = METRICS_HEADER + "\n" + "".join(f"{s},{n},{float(v)!r},{lay},{e}\n" for s, n, v, lay, e in rows)
-    (run_dir / "metrics.csv").write_text(text)
+    (run_dir / "metrics.csv").write_text(text, encoding="utf-8")
     if histograms:
         np.savez_compressed(run_dir / "activations.npz", step=np.array([h[0] for h in histograms]),
                             layer=np.array([h[1] for h in histograms]), unit=np.zeros(len(histograms), int),
@@ -521,12 +521,17 @@ def test_make_figures_names_and_skips_runs_it_cannot_parse(results, tmp_path):
     (older / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "metrics_rows"}))
     not_an_object = fake_run(broken, "vgg", "noisy_batchnorm", 0.1)
     (not_an_object / "summary.json").write_text("[]")  # read as no summary, as a missing one is
+    latin1 = fake_run(broken, "vgg", "batchnorm", 0.1, seed=1)  # by a bnopt that wrote in a Latin-1 locale's encoding
+    utf8 = (latin1 / "config.yaml").read_bytes()
+    (latin1 / "config.yaml").write_bytes(utf8.replace(b"\nname: fig\n", "\nname: réseau\n".encode("latin-1")))
+    assert (latin1 / "config.yaml").read_bytes() != utf8
     result = subprocess.run([sys.executable, str(REPO / "scripts/make_figures.py"), "1", "--runs", str(broken),
                              "--out", str(tmp_path / "figs")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"skipping {truncated / 'metrics.csv'}: malformed rows" in result.stderr
     assert f"skipping {no_config / 'config.yaml'}: missing" in result.stderr
     assert f"skipping {bad_yaml / 'config.yaml'}: not valid YAML" in result.stderr
+    assert f"skipping {latin1 / 'config.yaml'}: not UTF-8 text (byte " in result.stderr  # it stopped the script
     assert f"skipping {cut / 'metrics.csv'}: {len(lines) - 8} rows where the run, completed, wrote {len(lines) - 1}: " \
            f"part of its record is lost (a copy cut short?); move the run away and run its command again" \
            in result.stderr
@@ -589,6 +594,18 @@ def test_report_without_runs_says_so_and_fails(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts/report.py"), "--runs", str(tmp_path / "nothing")],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "error: no runs read" in result.stderr and result.stdout == ""
+
+
+def test_runs_are_read_and_the_report_printed_in_utf8_under_an_ascii_locale(tmp_path):
+    """A run's files are UTF-8 (as Hydra writes ``.hydra/``) and the report is printed in UTF-8, whatever the
+    locale: under one whose encoding is ASCII, report.py stopped with a UnicodeDecodeError on a run whose config
+    holds a non-ASCII value, and with a UnicodeEncodeError on its own "‖" and "β"."""
+    run = fake_run(tmp_path / "cpu-fashion_mnist" / "vgg", "vgg", "batchnorm", 0.1, experiment='"réseau"')
+    assert "name: réseau" in (run / "config.yaml").read_text(encoding="utf-8")
+    report = subprocess.run([sys.executable, str(REPO / "scripts/report.py"), "--runs", str(tmp_path)],
+                            capture_output=True, env=ascii_locale_env())
+    assert report.returncode == 0 and not report.stderr, report.stderr.decode(errors="replace")
+    assert "| variant | lr | layer | ‖G − G'‖₂ | cos(G, G') |" in report.stdout.decode("utf-8")
 
 
 def test_make_figures_lists_figures_and_refuses_unknown_ones():

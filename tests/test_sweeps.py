@@ -27,7 +27,7 @@ import bnopt.train
 from bnopt.rundir import RunDirectory, describe_machine
 from bnopt import sweeps
 from bnopt.sweeps import gpu_lock_dir, gpu_slot, index_rows, job_threads, visible_gpu_names
-from conftest import REPO, compose_config, read_rows, run_cli, train_run
+from conftest import REPO, ascii_locale_env, compose_config, read_rows, run_cli, train_run
 
 
 def launcher(target: str, **fields):
@@ -108,7 +108,7 @@ def test_without_file_locks_a_job_takes_its_job_number_s_gpu_with_a_warning(tmp_
 
 
 def read_index(sweep_dir: Path) -> list[dict]:
-    with open(sweep_dir / "index.csv") as f:
+    with open(sweep_dir / "index.csv", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -243,6 +243,20 @@ def test_unfinished_jobs_lists_a_refused_job_whose_directory_holds_the_finished_
         assert run_cli(*sweep, bad, f"+hydra.callbacks.unfinished_jobs.record={record}").returncode == 0
         assert record.read_text().startswith(f"{tmp_path / 'sweep' / '0'}: ended failed ({error}")
     assert read_index(tmp_path / "sweep")[0]["status"] == "completed"  # the run itself stays as it was
+
+
+def test_the_sweep_index_is_written_and_printed_in_utf8_under_an_ascii_locale(tmp_path):
+    """index.csv is UTF-8, as the files it is built from, whatever the locale: under one whose encoding is
+    ASCII, a job's non-ASCII override stopped sweep_index.py, reading Hydra's overrides.yaml (UTF-8) in ASCII,
+    then writing index.csv and printing it in ASCII."""
+    trained = run_cli("+experiment=dln_bn", "scale=smoke", "probes=none", 'name="réseau"',
+                      f"hydra.run.dir={tmp_path / '0'}")
+    assert trained.returncode == 0, trained.stderr
+    result = subprocess.run([sys.executable, str(REPO / "scripts/sweep_index.py"), str(tmp_path)],
+                            capture_output=True, env=ascii_locale_env())
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    index = (tmp_path / "index.csv").read_text(encoding="utf-8")
+    assert read_index(tmp_path)[0]["overrides"].endswith('name="réseau"') and result.stdout.decode("utf-8") == index
 
 
 def test_sweep_index_script_rebuilds_the_index_of_a_killed_sweep(tmp_path):
@@ -436,6 +450,25 @@ def test_the_index_does_not_name_a_command_it_cannot_know(tmp_path):
     (run / "summary.json").write_text('{"status": "completed", "steps": 3000}')
     [row] = index_rows(tmp_path)
     assert (row["job"], row["dir"], row["overrides"], row["status"]) == ("", "none_lr0.1_seed0", "", "completed")
+
+
+def test_the_index_is_written_where_a_runs_files_are_not_utf8(tmp_path):
+    """A config.yaml in Latin-1 (written under such a locale before bnopt wrote UTF-8), a damaged
+    overrides.yaml or metrics.csv: each stopped the index with a UnicodeDecodeError. The run's command, which
+    cannot be compared with Hydra's record, is left out; its last step is read from the rows that can be."""
+    run = tmp_path / "0"
+    (run / ".hydra").mkdir(parents=True)
+    hydra = {"hydra": {"job": {"num": 0}, "overrides": {"task": ["seed=0", "name=réseau"]}}}
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra, allow_unicode=True), encoding="utf-8")
+    (run / ".hydra" / "config.yaml").write_text("name: réseau\nseed: 0\n", encoding="utf-8")
+    (run / "config.yaml").write_text("name: réseau\nseed: 0\n", encoding="latin-1")
+    (run / ".hydra" / "overrides.yaml").write_bytes(b"- seed=0\n- name=r\xe9seau\n")
+    (run / "metrics.csv").write_bytes(b"step,name,value,layer,eta\n3,train/loss,1.0,,\n7,train/loss,1\xe9")
+    (run / "summary.json").write_text('{"status": "running", "steps": 0}')
+    [row] = index_rows(tmp_path)
+    assert (row["job"], row["overrides"], row["status"], row["steps"]) == ("", "", "running", 3)
+    (run / "config.yaml").write_text("name: réseau\nseed: 0\n", encoding="utf-8")  # the same in UTF-8: its command
+    assert index_rows(tmp_path)[0]["overrides"] == "seed=0 name=réseau"
 
 
 def test_the_index_names_the_command_of_a_run_written_before_a_key_was_added(tmp_path):

@@ -4,6 +4,7 @@ divergence as a result, the experiments' overrides, and the real loaders through
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from bnopt.results import read_run
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 from bnopt.train import AnotherConfigError, cpu_model, device_name, identity_differences
-from conftest import REPO, compose_config, read_rows, train_run
+from conftest import REPO, ascii_locale_env, compose_config, read_rows, train_run
 
 
 def test_dln_run_writes_the_results_contract(tmp_path):
@@ -123,6 +124,19 @@ def test_where_the_data_lives_is_not_part_of_a_runs_identity():
     other = OmegaConf.to_container(compose_config("model=mlp", "data=fashion_mnist", "data.normalise=none"),
                                    resolve=True)
     assert identity_differences(run, other) == ["data.normalise: 'per_channel' -> 'none'"]
+
+
+def test_a_runs_config_with_a_non_ascii_value_is_written_and_read_back_whatever_the_locale(tmp_path):
+    """config.yaml is written in UTF-8, the encoding it is read back in (a resumed run compares it with its
+    own): under a locale whose encoding is not UTF-8 it was written in that one, so a run named in Latin-1's
+    letters could not resume (a UnicodeDecodeError), and under an ASCII one it could not start."""
+    script = ("import sys; from omegaconf import OmegaConf; from bnopt.rundir import RunDirectory; "
+              "run = RunDirectory(sys.argv[1]); run.write_config(OmegaConf.create({'name': 'r\\u00e9seau'})); "
+              "assert run.read_config() == {'name': 'r\\u00e9seau'}")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                            env=ascii_locale_env())
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == "name: réseau\n"
 
 
 def test_a_run_written_before_the_protocols_defaults_became_config_keys_is_still_that_run(tmp_path):

@@ -175,7 +175,7 @@ def _download(torchvision_class: str, root: Path, title: str, looked: str) -> No
         # two torchvision downloads into one folder write over each other's archive. The job that waited
         # finds the files there (torchvision checks before it downloads).
         root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".download.lock", "a") as lock:
+        with open(root / ".download.lock", "ab") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except OSError as err:  # a file system without locks (some cluster mounts): download unguarded

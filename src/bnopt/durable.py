@@ -10,8 +10,10 @@ from pathlib import Path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """``text`` to ``path`` in UTF-8, as every text file of a run (and Hydra's ``.hydra/``) is written and read
+    whatever the locale: a run made on one machine is read on another."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     replace_durably(tmp, path)
 
 

@@ -91,7 +91,7 @@ class UnfinishedJobs(Callback):
             except Exception as err:  # a config that does not resolve, a file that cannot be read: not finished
                 why = ended("failed", f"{type(err).__name__}: {err}")
         if why:
-            with open(self.record, "a") as f:
+            with open(self.record, "a", encoding="utf-8") as f:
                 f.write(f"{run.path}: {why}\n")
 
 

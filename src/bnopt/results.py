@@ -33,10 +33,19 @@ class RunReadError(ValueError):
     """A run directory whose files cannot be read; the message names the file."""
 
 
+def _read_utf8(path: Path) -> str:
+    """``path``'s text, which bnopt writes in UTF-8 whatever the locale. One in another encoding (a config.yaml
+    written under a Latin-1 locale before bnopt wrote UTF-8, or a damaged file) raises RunReadError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RunReadError(f"{path}: not UTF-8 text (byte {err.start}); convert it to UTF-8 (iconv)") from None
+
+
 def read_metrics(path: Path) -> pd.DataFrame:
     """``metrics.csv`` as a DataFrame with columns step, name, value, layer, eta."""
     try:
-        text = path.read_text()
+        text = _read_utf8(path)
     except OSError as err:
         raise RunReadError(f"{path}: cannot be read ({err.strerror})") from None
     if not text.startswith(METRICS_HEADER + "\n"):
@@ -130,7 +139,7 @@ def _history(entries, only, describe: Callable[[object], str]) -> list[tuple[int
 def read_run(directory: Path) -> Run:
     config_path = directory / "config.yaml"
     try:
-        config = yaml.safe_load(config_path.read_text())
+        config = yaml.safe_load(_read_utf8(config_path))
     except OSError:
         raise RunReadError(f"{config_path}: missing") from None
     except yaml.YAMLError as err:
@@ -139,7 +148,7 @@ def read_run(directory: Path) -> Run:
         raise RunReadError(f"{config_path}: not a bnopt run config")
     metrics = read_metrics(directory / "metrics.csv")
     try:
-        summary = json.loads((directory / "summary.json").read_text())
+        summary = json.loads((directory / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = {}  # a run killed before its first summary: its metrics still count
     if not isinstance(summary, dict):  # JSON, but no summary: read as a missing one is

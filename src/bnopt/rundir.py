@@ -62,8 +62,8 @@ class MetricsWriter:
             atomic_write_text(path, "\n".join([METRICS_HEADER, *map(",".join, kept)]) + "\n")
             self.last, self.rows = final_values(kept), len(kept)
         else:
-            path.write_text(METRICS_HEADER + "\n")
-        self._file = open(path, "a", buffering=1)  # line-buffered: every row reaches the OS at once
+            path.write_text(METRICS_HEADER + "\n", encoding="utf-8")
+        self._file = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: every row reaches the OS at once
 
     def log(self, step: int, name: str, value: float, layer: int | None = None, eta: float | None = None) -> None:
         layer_text = "" if layer is None else str(int(layer))
@@ -88,7 +88,7 @@ def metric_rows(path: Path, before_step: int | None = None) -> list[list[str]]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines()[1:]:
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
         fields = line.split(",")
         if len(fields) == 5 and _well_formed(fields) and (before_step is None or int(fields[0]) < before_step):
             rows.append(fields)
@@ -158,7 +158,7 @@ class RunDirectory:
             # A name of its own: processes that check one directory at once (two recipes sharing a sweep
             # directory) deleted each other's probe and reported the directory unwritable.
             probe = self.path / f".write-test.{uuid.uuid4().hex}"
-            probe.write_text("")
+            probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
             raise OutputDirError(f"output directory {self.path} is not writable ({err.strerror})") from err
@@ -176,7 +176,7 @@ class RunDirectory:
     def read_summary(self) -> dict | None:
         """The summary, or None if it is missing or unreadable (cut short, or JSON that is not an object)."""
         try:
-            summary = json.loads(self.summary.read_text())
+            summary = json.loads(self.summary.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return summary if isinstance(summary, dict) else None
@@ -195,10 +195,10 @@ def git_commit(source: Path = Path(__file__).resolve().parent) -> str:
     a run depends on (the package, the configs, the entry point): not for results being written or
     regenerated elsewhere in the repository, nor for scripts that only read them."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, encoding="utf-8",
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *RUN_SOURCES],
-                               cwd=source, capture_output=True, text=True, timeout=10).stdout.strip()
+                               cwd=source, capture_output=True, encoding="utf-8", timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")

@@ -41,7 +41,7 @@ def held(lock: Path, attempts: int = 5, wait_s: float = 0.1) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    with open(lock, "a+") as handle:
+    with open(lock, "a+", encoding="utf-8") as handle:
         for attempt in range(attempts):
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,7 +69,7 @@ def trainer_gone(run_dir: Path) -> bool:
     holder on another machine, or none named, is never taken for gone."""
     lock = run_dir / LOCK_FILE
     try:
-        words = lock.read_text().split()
+        words = lock.read_text(encoding="utf-8").split()
     except OSError:
         return False
     if len(words) != 4 or words[0] != "pid" or words[2] != "on" or words[3] != socket.gethostname():
@@ -83,7 +83,7 @@ def _lock_free(lock: Path) -> bool | None:
     if fcntl is None:
         return None
     try:
-        with open(lock) as handle:
+        with open(lock, "rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return True  # released as the file closes
     except BlockingIOError:

@@ -100,7 +100,7 @@ def _free_slot(lock_dir: Path, gpus: list[str]) -> tuple[int, IO] | None:
     """The first of ``gpus`` whose lock this process takes, with the lock file's handle; None while every
     one is held. Raises OSError where locks cannot be taken."""
     for k, name in enumerate(gpus):
-        handle = open(lock_dir / f"gpu{name}.lock", "w")
+        handle = open(lock_dir / f"gpu{name}.lock", "wb")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,14 +133,14 @@ def _job_info(run_dir: Path, summary: dict | None) -> tuple[str, str]:
     if isinstance(job, dict):
         return ("" if job.get("num") is None else str(job["num"])), " ".join(job.get("overrides") or ())
     try:
-        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]
         # A job killed before it wrote its config.yaml (loading its data) has only Hydra's record.
         own = run_dir / "config.yaml"
         if own.exists() and _config(run_dir / ".hydra" / "config.yaml") != _config(own):
             return "", ""
         return str(hydra["job"].get("num", "")), " ".join(hydra["overrides"]["task"])
-    except (OSError, KeyError, TypeError, yaml.YAMLError, OmegaConfBaseException):
-        return "", ""
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, yaml.YAMLError, OmegaConfBaseException):
+        return "", ""  # a config.yaml written in Latin-1 (under such a locale, before bnopt wrote UTF-8) among them
 
 
 def _config(path: Path) -> dict:
@@ -155,7 +155,8 @@ def last_logged_step(run_dir: Path) -> int | str:
     """The step of the last complete row of ``run_dir``'s metrics.csv ("" if none): how far a run got
     whose summary, written as it starts, still gives the step it started from."""
     try:
-        lines = (run_dir / "metrics.csv").read_text().splitlines(keepends=True)
+        # a damaged byte costs its own row, not the step of the last good one
+        lines = (run_dir / "metrics.csv").read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
     except OSError:
         return ""
     complete = [line for line in lines[1:] if line.endswith("\n")]
@@ -195,8 +196,8 @@ def _overrides_run(run_dir: Path, summary: dict | None) -> list[tuple[str, ...]]
     if isinstance(job, dict) and isinstance(job.get("overrides"), list):
         found.append(tuple(job["overrides"]))
     try:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         overrides = None
     if isinstance(overrides, list):
         found.append(tuple(overrides))
@@ -209,7 +210,7 @@ def index_rows(sweep_dir: Path, warn=print) -> list[dict]:
         # Read here, not with RunDirectory.read_summary: this module stays free of torch (the index script's
         # start-up), and the index tells a missing summary from an unreadable one.
         try:
-            summary, problem = json.loads((run_dir / "summary.json").read_text()), None
+            summary, problem = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")), None
         except (OSError, ValueError) as err:
             summary, problem = None, "missing" if isinstance(err, OSError) else "unreadable"
         if summary is not None and not isinstance(summary, dict):
@@ -249,7 +250,7 @@ def write_index(sweep_dir: Path, warn=print) -> Path | None:
     # (tempfile's files are private to their owner; the index is for the whole team to read.)
     tmp = path.with_name(f"index.csv.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "x", newline="") as f:
+        with open(tmp, "x", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
             writer.writeheader()
             writer.writerows(rows := index_rows(sweep_dir, warn))

@@ -536,7 +536,7 @@ def device_name(device: torch.device) -> str:
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name where Linux gives one; else what Python's ``platform`` knows ("x86_64")."""
     try:
-        with open(cpuinfo) as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and value.strip():
