@@ -1,6 +1,8 @@
 """`python train.py` as a user runs it: clear one-line errors before any training, exit codes, the
 default run directory, and runs that survive being killed."""
 
+import errno
+import io
 import json
 import os
 import shlex
@@ -627,17 +629,9 @@ def test_a_job_that_crashes_fails_alone_in_a_sweep_and_with_its_traceback_in_a_s
         tmp_path, monkeypatch, caplog, in_sweep):
     """An unexpected exception (a bug, not a user error) ends a single run with its traceback; in a sweep it is
     logged with the job's directory and the other jobs go on."""
-    from types import SimpleNamespace
-
-    from hydra.types import RunMode
-
     from bnopt import cli
 
-    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path), choices={"experiment": "dln_bn"}),
-                                launcher=None, mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN,
-                                job=SimpleNamespace(num=3),
-                                overrides=SimpleNamespace(task=OmegaConf.create(["+experiment=dln_bn"])))
-    monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    as_hydra_runs(monkeypatch, tmp_path, ["+experiment=dln_bn"], in_sweep)
 
     def crash(cfg, run_dir, job):
         raise RuntimeError("a bug in the loop")
@@ -650,3 +644,95 @@ def test_a_job_that_crashes_fails_alone_in_a_sweep_and_with_its_traceback_in_a_s
     else:
         with pytest.raises(RuntimeError, match="a bug in the loop"):
             cli.main(cfg)
+
+
+def as_hydra_runs(monkeypatch, run_dir: Path, overrides: list[str], in_sweep: bool = False) -> None:
+    """``cli.main`` then runs as Hydra runs it for ``python train.py <overrides>`` (``-m``: a sweep's job 3)
+    into ``run_dir``: in this process, where the test can patch what it calls."""
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from bnopt import cli
+
+    choices = dict(override.lstrip("+").split("=", 1) for override in overrides)
+    choices = {group: choice for group, choice in choices.items() if (REPO / "configs" / group).is_dir()}
+    hydra_cfg = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(run_dir), choices=choices),
+                                launcher=None, mode=RunMode.MULTIRUN if in_sweep else RunMode.RUN,
+                                job=SimpleNamespace(num=3), overrides=SimpleNamespace(task=OmegaConf.create(overrides)))
+    monkeypatch.setattr(cli.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with room for ``room`` more bytes: a write past it writes what fits and raises ENOSPC,
+    as the kernel does, and so does every flush after (closing included: buffered rows stay unwritten)."""
+
+    def __init__(self, path, mode: str, room: int):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, data) -> int:
+        fits = min(len(data), self.room)
+        if fits == 0 and len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= fits
+        return super().write(bytes(data[:fits]))
+
+
+# A DLN run of 30 steps with checkpoints at steps 10 and 20, and without its probes' rows (they are not
+# logged where the disk refuses them, and need not be for the test)
+DISK_RUN = ["+experiment=dln_bn", "scale=smoke", "probes=none", "train.checkpoint_every=10", "train.log_every=1",
+            "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_disk_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted_disk_run")
+    train_run(run_dir, *DISK_RUN)
+    return run_dir
+
+
+@pytest.mark.parametrize("refused", ["checkpoint", "metrics"])
+def test_a_full_disk_fails_the_run_in_one_line_and_the_same_command_continues_it(
+        tmp_path, monkeypatch, capsys, uninterrupted_disk_run, refused):
+    """The disk fills at the run's second checkpoint (a file as large as the model), or while it logs a row of
+    step 15: the run stops with one line (exit status 2), its summary saying ``failed`` and why; the checkpoint
+    cut short is removed, and its file closed, so that its space is free again; once there is room, the same
+    command continues from the last checkpoint to the uninterrupted run's results."""
+    from bnopt import cli, rundir
+
+    if refused == "checkpoint":
+        name, rooms = "checkpoint.pt.tmp", iter([None, 2000])  # bytes left at each opening; None: all it needs
+    else:
+        kept = [line for line in (uninterrupted_disk_run / "metrics.csv").read_text(encoding="utf-8").splitlines()[1:]
+                if int(line.split(",")[0]) < 15]
+        name, rooms = "metrics.csv", iter([sum(len(line) + 1 for line in kept) + 5])  # and 5 bytes of step 15
+    opened = []
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        room = next(rooms, None) if Path(path).name == name else None
+        if room is None:
+            return open(path, mode, *args, **kwargs)
+        file = io.BufferedWriter(FullDisk(path, {"a": "ab", "wb": "wb"}[mode], room))
+        opened.append(file if mode == "wb" else io.TextIOWrapper(file, encoding="utf-8", line_buffering=True))
+        return opened[-1]
+
+    monkeypatch.setattr(rundir, "open", open_on_a_full_disk, raising=False)
+    as_hydra_runs(monkeypatch, tmp_path, DISK_RUN)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(compose_config(*DISK_RUN))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"error: No space left on device while training {tmp_path}; free space and " \
+                                      "run the same command again\n"
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "failed" and summary["error"] == "OSError: [Errno 28] No space left on device"
+    assert summary["steps"] == (20 if refused == "checkpoint" else 15)
+    assert len(opened) == 1 and opened[0].closed
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", "checkpoint.pt", "config.yaml",
+                                                                "metrics.csv", "summary.json"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 10
+
+    monkeypatch.undo()
+    as_hydra_runs(monkeypatch, tmp_path, DISK_RUN)
+    assert cli.main(compose_config(*DISK_RUN))["status"] == "completed"
+    assert (tmp_path / "metrics.csv").read_bytes() == (uninterrupted_disk_run / "metrics.csv").read_bytes()

@@ -1,7 +1,8 @@
 """What ``python train.py`` runs for each job, single run or one job of a sweep.
 
 User errors (a bad config value, a missing or damaged data set, a checkpoint of another run in the output
-directory, a run that another process is training) print one line and exit with status 2, no traceback. In a
+directory, a run that another process is training, a full disk) print one line and exit with status 2, no
+traceback. In a
 sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
 refused because its directory holds another run (another config, or a trainer at work) leaves that run's
 summary as it is, and so does a command refused for a bad value or missing data in the directory of a run that
@@ -32,12 +33,12 @@ from bnopt.hydra_callbacks import SweepIndex
 from bnopt.rundir import FINISHED, OutputDirError, RunBusyError, RunDirectory
 from bnopt.sweeps import (announce_index, gpu_lock_dir, gpu_slot, job_threads, limit_threads,
                           visible_gpu_names)
-from bnopt.train import AnotherConfigError, ResumeError, train
+from bnopt.train import AnotherConfigError, DiskFullError, ResumeError, train
 
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's default: jobs one by one
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetUnreadableError, ResumeError, OutputDirError,
-               RunBusyError)
+               RunBusyError, DiskFullError)
 log = logging.getLogger("bnopt")
 
 # configs/hydra/launcher/*.yaml carry the launcher plugins' own names, so Hydra checks them against the

@@ -7,14 +7,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """``text`` to ``path`` in UTF-8, as every text file of a run (and Hydra's ``.hydra/``) is written and read
     whatever the locale: a run made on one machine is read on another."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    replace_durably(tmp, path)
+    write_durably(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_durably(path: Path, write: Callable[[Path], object], tmp: Path | None = None) -> None:
+    """``write(tmp)``, then ``tmp`` moved onto ``path`` (:func:`replace_durably`); ``tmp`` is ``path`` with
+    ``.tmp`` added unless given. A write that fails (a full disk, a quota) removes ``tmp`` and leaves ``path``
+    as it was: a checkpoint cut short by a full disk left a file as large as the model, which took the room
+    that the run's summary then needed to say why it stopped."""
+    tmp = tmp or path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replace_durably(tmp: Path, path: Path) -> None:

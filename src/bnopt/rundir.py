@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bnopt.durable import atomic_write_text, replace_durably
+from bnopt.durable import atomic_write_text, write_durably
 from bnopt.runlock import CHECKPOINT_FILE, LOCK_FILE, LockHeldError, held
 
 METRICS_HEADER = "step,name,value,layer,eta"
@@ -182,9 +182,18 @@ class RunDirectory:
         return summary if isinstance(summary, dict) else None
 
     def save_checkpoint(self, state: dict) -> None:
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
-        replace_durably(tmp, self.checkpoint)
+        def save(tmp: Path) -> None:
+            # Opened here, not by torch.save: a save that fails leaves torch's own file open, and a file that
+            # is open keeps its space after it is removed.
+            with open(tmp, "wb") as file:
+                try:
+                    torch.save(state, file)
+                except RuntimeError as err:
+                    if isinstance(err.__context__, OSError):  # torch reports a failed write as a RuntimeError
+                        raise err.__context__ from None  # "unexpected pos 704 vs 598": the write's own error
+                    raise
+
+        write_durably(self.checkpoint, save)
 
 
 RUN_SOURCES = (":/src", ":/configs", ":/train.py")  # what a run's results depend on, from the repository root

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bnopt.config_history import with_keys_added_later
-from bnopt.durable import replace_durably
+from bnopt.durable import write_durably
 from bnopt.runlock import killed_error, status_now
 
 FINAL_METRICS = ("train/loss", "train/acc", "test/loss", "test/acc")
@@ -245,20 +245,21 @@ def write_index(sweep_dir: Path, warn=print) -> Path | None:
     steps, final metrics, wall time, error) and per job it never started. None, and no file, where there is
     nothing to index."""
     path = sweep_dir / "index.csv"
-    # A temporary file of its own: the jobs of a cluster sweep stopped together (a time limit) each write
-    # the index at once, and with one shared name one job's rename took the file from under another's.
-    # (tempfile's files are private to their owner; the index is for the whole team to read.)
-    tmp = path.with_name(f"index.csv.{uuid.uuid4().hex}.tmp")
-    try:
+    rows = index_rows(sweep_dir, warn)
+    if not rows:
+        return None
+
+    def write_rows(tmp: Path) -> None:
         with open(tmp, "x", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS, restval="")
             writer.writeheader()
-            writer.writerows(rows := index_rows(sweep_dir, warn))
-        if not rows:
-            return None
-        replace_durably(tmp, path)  # the index of a cluster sweep outlives a node that crashes after it
-    finally:
-        tmp.unlink(missing_ok=True)  # left by a failure; gone already after the rename
+            writer.writerows(rows)
+
+    # Durably: the index of a cluster sweep outlives a node that crashes after it. Through a temporary file of
+    # its own: the jobs of a cluster sweep stopped together (a time limit) each write the index at once, and
+    # with one shared name one job's rename took the file from under another's. (tempfile's files are private
+    # to their owner; the index is for the whole team to read.)
+    write_durably(path, write_rows, tmp=path.with_name(f"index.csv.{uuid.uuid4().hex}.tmp"))
     return path
 
 

@@ -11,6 +11,7 @@ metrics of a run without them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import platform
@@ -52,6 +53,15 @@ class ResumeError(RuntimeError):
     adds the key that sets it."""
 
 
+class DiskFullError(RuntimeError):
+    """A write of the run refused for want of space (a full disk, a quota): the run stopped, its summary
+    saying ``failed`` where there was room to write it, and the same command continues it once there is."""
+
+
+# Linux and macOS name both; Windows only the first
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 class AnotherConfigError(ResumeError):
     """The output directory holds a run of another config: its files, summary included, are that run's."""
 
@@ -70,7 +80,14 @@ def train(cfg: DictConfig, run_dir: Path, job: dict | None = None) -> dict:
     run = RunDirectory(run_dir)
     run.ensure_writable()
     with run.claimed(), process_settings(cfg.threads, cfg.train.tf32):
-        return train_claimed(cfg, run, job)
+        try:
+            return train_claimed(cfg, run, job)
+        except OSError as err:
+            if err.errno not in DISK_FULL:
+                raise
+            writing = f" (writing {err.filename})" if err.filename else ""
+            raise DiskFullError(f"{err.strerror} while training {run.path}{writing}; free space and "
+                                "run the same command again") from err
 
 
 @contextmanager
@@ -251,9 +268,15 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         raise
     finally:
         bar.close()
-        metrics.close()
         for probe in probes:
             probe.close()
+        refused = None
+        try:
+            metrics.close()
+        except OSError as err:  # rows the disk refused (full): the summary must still say how the run stopped
+            if summary["status"] == "running":  # else the run stopped on an error already, as a rule this one
+                refused = err
+                summary.update(status="failed", error=f"{type(err).__name__}: {err}")
         elapsed = time.perf_counter() - t0
         if summary["status"] == "running":
             summary["status"] = status
@@ -267,6 +290,8 @@ def train_claimed(cfg: DictConfig, run: RunDirectory, job: dict | None) -> dict:
         finals = ", ".join(f"{k} {v:.4g}" for k, v in summary["final"].items() if isinstance(v, float))
         logger.info("%s: %s at step %d%s%s", run.path, summary["status"], step, f"; {finals}" if finals else "",
                     resume_point(step, checkpointed))
+        if refused is not None:
+            raise refused
     return summary
 
 

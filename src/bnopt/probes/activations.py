@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from bnopt.durable import replace_durably
+from bnopt.durable import write_durably
 from bnopt.models import ChainModel
 from bnopt.seeding import derived_seed
 
@@ -97,9 +97,7 @@ class ActivationRecorder:
 
     def save(self, path: Path) -> None:
         """Write all histograms so far to ``path`` (npz), atomically."""
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez_compressed(
-            tmp,
+        arrays = dict(
             step=np.array([r["step"] for r in self.records], dtype=np.int64),
             layer=np.array([r["layer"] for r in self.records], dtype=np.int64),
             unit=np.array([self.units[r["layer"]] for r in self.records], dtype=np.int64),
@@ -107,7 +105,8 @@ class ActivationRecorder:
             edges=np.array([r["edges"] for r in self.records], dtype=np.float64).reshape(-1, self.bins + 1),
             nonfinite=np.array([r["nonfinite"] for r in self.records], dtype=np.int64),
         )
-        replace_durably(tmp, path)
+        tmp = path.with_name(path.stem + ".tmp.npz")  # numpy adds ".npz" to a name that does not end with it
+        write_durably(path, lambda file: np.savez_compressed(file, **arrays), tmp=tmp)
 
     def load(self, path: Path, before_step: int) -> None:
         """Take back the histograms of an interrupted run, those of steps before ``before_step``."""
