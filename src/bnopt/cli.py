@@ -2,13 +2,12 @@
 
 User errors (a bad config value, a missing or damaged data set, a checkpoint of another run in the output
 directory, a run that another process is training, a full disk) print one line and exit with status 2, no
-traceback. In a
-sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep goes on; a job
-refused because its directory holds another run (another config, or a trainer at work) leaves that run's
-summary as it is, and so does a command refused for a bad value or missing data in the directory of a run that
-started training (its summary says how that run stopped). A signal that stops a job of a sweep run job by job
-(Hydra's default launcher) stops the sweep too, with exit status 130, as does a Ctrl-C that reaches the
-process of a sweep of any launcher (for SLURM it stops the waiting: the submitted jobs go on).
+traceback. In a sweep (``-m``) a job that fails or diverges is recorded in its ``summary.json`` and the sweep
+goes on; a job refused because its directory holds another run (another config, or a trainer at work) leaves
+that run's summary as it is, and so does a command refused for a bad value or missing data in the directory of
+a run that started training (its summary says how that run stopped). A signal that stops a job of a sweep run
+job by job (Hydra's default launcher) stops the sweep too, with exit status 130, as does a Ctrl-C that reaches
+the process of a sweep of any launcher (for SLURM it stops the waiting: the submitted jobs go on).
 """
 
 from __future__ import annotations
