@@ -22,7 +22,7 @@ from bnopt.results import read_run
 from bnopt.rundir import MetricsWriter, RunDirectory, git_commit
 from bnopt.seeding import seed_everything
 from bnopt.train import AnotherConfigError, cpu_model, device_name, identity_differences
-from conftest import REPO, ascii_locale_env, compose_config, read_rows, train_run
+from conftest import REPO, ascii_locale_env, compose_config, read_rows, run_cli, train_run
 
 
 def test_dln_run_writes_the_results_contract(tmp_path):
@@ -137,6 +137,18 @@ def test_a_runs_config_with_a_non_ascii_value_is_written_and_read_back_whatever_
                             env=ascii_locale_env())
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "config.yaml").read_text(encoding="utf-8") == "name: réseau\n"
+
+
+def test_train_log_is_utf8_and_logs_a_non_ascii_run_directory_whatever_the_locale(tmp_path):
+    """Hydra's own file handler opens train.log in the locale's encoding: under an ASCII one, each line that
+    named a run directory outside ASCII became a "--- Logging error ---" traceback instead of the line."""
+    run_dir = tmp_path / "r\u00e9seau"
+    result = run_cli("model=dln", "data=gaussian_regression", "norm=none", "scale=smoke", f"hydra.run.dir='{run_dir}'",
+                     env=ascii_locale_env())
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stdout + result.stderr
+    log = (run_dir / "train.log").read_text(encoding="utf-8")
+    assert "training from step 0 of 30" in log and "completed at step 30" in log
 
 
 def test_a_run_written_before_the_protocols_defaults_became_config_keys_is_still_that_run(tmp_path):
