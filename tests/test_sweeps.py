@@ -328,6 +328,16 @@ def test_where_locks_cannot_be_tested_a_holder_on_this_machine_is_gone_when_its_
         assert runlock.trainer_gone(tmp_path) is gone
 
 
+def test_a_damaged_lock_names_no_holder_so_its_run_is_not_taken_for_killed(tmp_path):
+    """Bytes that are not UTF-8 in ``.lock`` (a damaged disk) leave the run's status as its summary says: the
+    report, the figures and the index ask each ``running`` run's lock, and one such file made them crash."""
+    from bnopt import runlock
+
+    (tmp_path / ".lock").write_bytes(b"pid \xff\xfe on host\n")
+    assert runlock.trainer_gone(tmp_path) is False
+    assert runlock.status_now(tmp_path, "running") == "running"
+
+
 def test_on_windows_a_holder_on_this_machine_is_never_taken_for_gone_nor_signalled(tmp_path, monkeypatch):
     """Reading runs works without flock (Windows), where os.kill(pid, 0) would end the process with that pid:
     a run trained under WSL, which shares Windows' host name, read from Windows must kill nothing there."""

@@ -70,7 +70,7 @@ def trainer_gone(run_dir: Path) -> bool:
     lock = run_dir / LOCK_FILE
     try:
         words = lock.read_text(encoding="utf-8").split()
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # unreadable or damaged: whose it is cannot be told
         return False
     if len(words) != 4 or words[0] != "pid" or words[2] != "on" or words[3] != socket.gethostname():
         return False
